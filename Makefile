@@ -1,0 +1,44 @@
+# Two commands on a fresh machine:  make serve   |   make test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+TORCH_CPU := torch==2.13.0
+
+.PHONY: setup serve stop test test-fast lint proto proto-check k8s-validate loadtest benchmark-cpu clean
+
+setup: $(STAMP)
+
+# The CPU build of torch is installed explicitly first: an unpinned torch pulls a multi-GB CUDA
+# build. The pinned wheel lies on this machine class's disk; elsewhere pip fetches the CPU build
+# from PyTorch's CPU index.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_CPU) || $(PIP) install -q $(TORCH_CPU) --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+check-java:
+	@bash deploy/scripts/check_java.sh
+
+serve: setup check-java
+	bash deploy/scripts/serve.sh
+
+stop:
+	-$(VENV)/bin/torchserve --stop
+
+test: setup check-java
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not gpu and not slow and not integration" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) model_store/*.mar model_store/build logs
