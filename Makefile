@@ -28,6 +28,12 @@ check-java:
 serve: setup check-java
 	bash deploy/scripts/serve.sh
 
+proto: setup
+	$(PY) proto/generate.py
+
+proto-check: setup
+	$(PY) -m pytest -q tests/test_proto_generated.py
+
 stop:
 	-$(VENV)/bin/torchserve --stop
 

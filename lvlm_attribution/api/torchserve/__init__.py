@@ -1,0 +1,1 @@
+"""Generated from proto/lvlm_attribution/api/torchserve/inference.proto."""
