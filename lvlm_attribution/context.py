@@ -1,0 +1,145 @@
+"""What an attribution method sees: one teacher-forced (image, prompt, answer) and the model.
+
+Notation (DESIGN §3): the sequence is [visual | prompt | answer] of length N; answer token y_t
+sits at position `answer_positions[t]` and is predicted by the logits at `predict_rows[t]`
+(= answer_positions[t] - 1): methods read row t-1, never row t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from .capture import Captured, CaptureSpec, capture
+from .models.base import ModelAdapter, PreparedPrompt
+
+# The capture forward must reproduce the plain forward (masks and causality intact).
+GUARD_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 0.25,
+                   torch.float16: 0.05}
+
+
+class CaptureMismatch(RuntimeError):
+    """The capture forward's logits differ from the plain forward's."""
+
+
+@dataclass
+class AttributionContext:
+    model: nn.Module
+    adapter: ModelAdapter
+    prompt: PreparedPrompt
+    answer_ids: list[int]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # ---- geometry ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @cached_property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        raw = self.adapter.teacher_forced_inputs(self.prompt, self.answer_ids)
+        return {k: v.to(self.device) for k, v in raw.items()}
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+    @property
+    def num_answer_tokens(self) -> int:
+        return len(self.answer_ids)
+
+    @cached_property
+    def answer_positions(self) -> torch.Tensor:
+        start = self.prompt.prompt_length
+        return torch.arange(start, start + len(self.answer_ids), device=self.device)
+
+    @cached_property
+    def predict_rows(self) -> torch.Tensor:
+        """Row t-1 for every answer token t: the position whose logits predict y_t."""
+        return self.answer_positions - 1
+
+    @cached_property
+    def visual_positions(self) -> torch.Tensor:
+        return self.prompt.visual_positions.to(self.device)
+
+    @cached_property
+    def question_positions(self) -> torch.Tensor:
+        return self.prompt.question_positions.to(self.device)
+
+    @cached_property
+    def text_key_positions(self) -> list[torch.Tensor]:
+        """Per answer token t: the text keys it may attend to (prompt text and earlier answer
+        tokens up to and including row t-1), i.e. every non-visual key < t."""
+        is_visual = torch.zeros(self.seq_len, dtype=torch.bool, device=self.device)
+        is_visual[self.visual_positions] = True
+        return [torch.nonzero(~is_visual[: row + 1]).flatten() for row in self.predict_rows]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.prompt.grid
+
+    @cached_property
+    def answer_ids_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.answer_ids, device=self.device)
+
+    # ---- forwards -------------------------------------------------------------------------------
+    @cached_property
+    def plain_logits(self) -> torch.Tensor:
+        """(T, vocab) logits at the predicting rows from one plain (SDPA) forward, no grad."""
+        with torch.no_grad():
+            logits = self.model(**self.inputs).logits[0]
+        return logits[self.predict_rows].float()
+
+    @cached_property
+    def token_probabilities(self) -> torch.Tensor:
+        """p_t = softmax(z)[y_t], (T,)."""
+        probs = torch.softmax(self.plain_logits, dim=-1)
+        return probs.gather(1, self.answer_ids_tensor[:, None])[:, 0]
+
+    def forward(self, spec: CaptureSpec, inputs: dict[str, torch.Tensor] | None = None,
+                check: bool = True) -> tuple[torch.Tensor, Captured]:
+        """A forward with gradients under `spec`. Returns (logits (B, N, vocab), captured)."""
+        with torch.enable_grad(), capture(self.model, self.adapter, spec) as captured:
+            logits = self.model(**(inputs or self.inputs)).logits
+        if check and inputs is None:
+            self._guard(logits)
+        return logits, captured
+
+    def _guard(self, logits: torch.Tensor) -> None:
+        got = logits[0, self.predict_rows].detach().float()
+        diff = (got - self.plain_logits).abs().max().item()
+        if diff > GUARD_TOLERANCE.get(logits.dtype, 1e-3):
+            raise CaptureMismatch(f"capture forward differs from the plain forward by {diff:.3g}")
+
+    def target_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """z_t: raw logit of y_t at row t-1, (T,) from (1, N, vocab) logits."""
+        return logits[0, self.predict_rows].gather(1, self.answer_ids_tensor[:, None])[:, 0]
+
+    def logit_lens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head(final_norm(h)): the layer's hidden state read as next-token logits."""
+        return self.adapter.lm_head()(self.adapter.final_norm()(hidden))
+
+    def lens_target_logits(self, layer_output: torch.Tensor) -> torch.Tensor:
+        """o^l_t = logit lens of layer l's output at row t-1, for y_t. (T,)"""
+        hidden = layer_output[0, self.predict_rows]
+        return self.logit_lens(hidden).gather(1, self.answer_ids_tensor[:, None])[:, 0]
+
+    def to_grid(self, values_over_visual: torch.Tensor) -> torch.Tensor:
+        """(..., |V|) -> (..., h, w) in row-major patch order."""
+        return values_over_visual.reshape(*values_over_visual.shape[:-1], *self.grid)
+
+    def answer_token_texts(self) -> list[str]:
+        return self.adapter.tokenizer.convert_ids_to_tokens(self.answer_ids)
+
+    def layers(self, last_fraction: float | None = None,
+               last_k: int | None = None) -> Sequence[int]:
+        n = self.adapter.num_layers
+        if last_k is not None:
+            return list(range(max(0, n - last_k), n))
+        if last_fraction is not None:
+            return list(range(n - max(1, round(n * last_fraction)), n))
+        return list(range(n))

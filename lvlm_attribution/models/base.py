@@ -1,0 +1,117 @@
+"""The canonical view of a vision-language model that every attribution method works on.
+
+An adapter is declarative: where the decoder layers, the final norm and the LM head live, how a
+prompt is built with the model's own chat template, where the visual tokens sit and how they
+map onto a patch grid, which prompt tokens are the user's question, and whether the prefix is
+attended bidirectionally. Adapters hold no attribution math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+
+@dataclass
+class PreparedPrompt:
+    """A prompt ready for generation or teacher forcing."""
+
+    model_inputs: dict[str, torch.Tensor]  # batch of one, prompt only
+    visual_positions: torch.Tensor  # (|V|,) long, row-major over the patch grid
+    grid: tuple[int, int]  # (h, w) of the visual-token grid
+    question_positions: torch.Tensor  # (|P|,) long: the user's question, no template tokens
+    question_tokens: list[str]
+    image_size: tuple[int, int]  # (width, height) as received
+    grid_box: tuple[float, float, float, float]  # (left, top, right, bottom) in image pixels
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_length(self) -> int:
+        return int(self.model_inputs["input_ids"].shape[1])
+
+
+class ModelAdapter:
+    """Base adapter; subclasses set the class attributes and override little else."""
+
+    family: ClassVar[str]
+    model_classes: ClassVar[tuple[str, ...]]  # transformers class names this adapter serves
+    decoder_path: ClassVar[str]  # dotted path from the model to the decoder's layer list
+    final_norm_path: ClassVar[str]
+    lm_head_path: ClassVar[str] = "lm_head"
+    text_config_key: ClassVar[str] = "text_config"  # sub-config whose attention we capture
+    prefix_lm: ClassVar[bool] = False  # True: image + prefix attend bidirectionally
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+
+    # ---- structure -------------------------------------------------------------------------
+    def decoder_layers(self) -> nn.ModuleList:
+        return _resolve(self.model, self.decoder_path)
+
+    def final_norm(self) -> nn.Module:
+        return _resolve(self.model, self.final_norm_path)
+
+    def lm_head(self) -> nn.Module:
+        return _resolve(self.model, self.lm_head_path)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos])
+
+    # ---- prompts -----------------------------------------------------------------------------
+    def chat_messages(self, question: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": question}]}]
+
+    def prompt_text(self, question: str) -> str:
+        return self.processor.apply_chat_template(self.chat_messages(question),
+                                                  add_generation_prompt=True)
+
+    def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
+        raise NotImplementedError
+
+    def teacher_forced_inputs(self, prompt: PreparedPrompt,
+                              answer_ids: list[int]) -> dict[str, torch.Tensor]:
+        """Inputs for one forward over [prompt | answer]; logits at position i predict i+1."""
+        inputs = dict(prompt.model_inputs)
+        answer = torch.tensor([answer_ids], dtype=inputs["input_ids"].dtype)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], dim=1)
+        if "attention_mask" in inputs:
+            ones = torch.ones_like(answer, dtype=inputs["attention_mask"].dtype)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], ones], dim=1)
+        return inputs
+
+    def image_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The entries that carry the image (replaced when perturbing the image)."""
+        return {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+
+    # ---- helpers for subclasses ------------------------------------------------------------------
+    def locate_question(self, input_ids: torch.Tensor, question: str) -> torch.Tensor:
+        """Positions of the question's tokens inside the prompt (last occurrence)."""
+        ids = input_ids.tolist()
+        for candidate in (question, " " + question):
+            q = self.tokenizer(candidate, add_special_tokens=False)["input_ids"]
+            for start in range(len(ids) - len(q), -1, -1):
+                if q and ids[start : start + len(q)] == q:
+                    return torch.arange(start, start + len(q))
+        raise ValueError("could not locate the question's tokens inside the prompt")
+
+
+def _resolve(root: nn.Module, dotted: str) -> Any:
+    obj: Any = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,50 @@
+"""LLaVA-1.5 (llava-hf layout) and the embedded tiny-shapes model, which is a LLaVA."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image
+
+from .base import ModelAdapter, PreparedPrompt
+from .registry import register_adapter
+
+
+@register_adapter
+class LlavaAdapter(ModelAdapter):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+    decoder_path = "model.language_model.layers"
+    final_norm_path = "model.language_model.norm"
+
+    def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
+        image = image.convert("RGB")
+        inputs = self.processor(images=image, text=self.prompt_text(question), return_tensors="pt")
+        input_ids = inputs["input_ids"][0]
+        visual = torch.nonzero(input_ids == self.model.config.image_token_id).flatten()
+        side = math.isqrt(len(visual))
+        if side * side != len(visual):
+            raise ValueError(f"{len(visual)} visual tokens do not form a square grid")
+        question_positions = self.locate_question(input_ids, question)
+        return PreparedPrompt(
+            model_inputs=dict(inputs),
+            visual_positions=visual,
+            grid=(side, side),
+            question_positions=question_positions,
+            question_tokens=self.tokenizer.convert_ids_to_tokens(
+                input_ids[question_positions].tolist()),
+            image_size=image.size,
+            grid_box=self._grid_box(image.size),
+        )
+
+    def _grid_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """CLIP's processor resizes the shortest edge, then centre-crops a square: the grid
+        covers the central square of the original image."""
+        width, height = size
+        crop = getattr(self.processor.image_processor, "do_center_crop", True)
+        if not crop:
+            return (0.0, 0.0, float(width), float(height))
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        return (left, top, left + side, top + side)
