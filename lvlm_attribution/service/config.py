@@ -1,0 +1,46 @@
+"""The handler's settings: the `handler:` section of model-config.yaml, parsed once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    model_dir: str = "model_store/tiny-shapes-llava"
+    device: str = "cpu"
+    dtype: str = "float32"
+    default_methods: tuple[str, ...] = ("glimpse", "dexar")
+    allowed_methods: tuple[str, ...] | None = None  # None: every method the engine registers
+    max_new_tokens_cap: int = 32
+    default_max_new_tokens: int = 16  # used when a request leaves max_new_tokens at 0
+    max_image_bytes: int = 4_000_000
+    max_image_pixels: int = 4_000_000
+    max_question_chars: int = 500
+    max_answer_chars: int = 500
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any] | None) -> ServiceConfig:
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown handler settings {unknown}; known: {sorted(known)}")
+        for key in ("default_methods", "allowed_methods"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def resolve_model_dir(self, *bases: str | Path) -> Path:
+        """Absolute model_dir; a relative one is looked up under each base, then the repo root."""
+        path = Path(self.model_dir).expanduser()
+        if path.is_absolute():
+            return path
+        for base in (*bases, REPO_ROOT):
+            if (Path(base) / path).is_dir():
+                return (Path(base) / path).resolve()
+        return (REPO_ROOT / path).resolve()
