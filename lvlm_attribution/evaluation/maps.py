@@ -77,6 +77,8 @@ def upsample_to(
         applied separably (rows, then columns). Values stay within [min, max] of the input.
     A constant map stays exactly constant in both modes.
     """
+    if mode not in ("nearest", "bilinear"):
+        raise ValueError(f"unknown mode {mode!r}; use 'nearest' or 'bilinear'")
     arr = as_map(saliency)
     height, width = int(size[0]), int(size[1])
     if height <= 0 or width <= 0:
@@ -87,11 +89,7 @@ def upsample_to(
         return np.full((height, width), arr.flat[0])
     if mode == "nearest":
         return arr[np.ix_(nearest_index(arr.shape[0], height), nearest_index(arr.shape[1], width))]
-    if mode == "bilinear":
-        return (
-            _bilinear_matrix(arr.shape[0], height) @ arr @ _bilinear_matrix(arr.shape[1], width).T
-        )
-    raise ValueError(f"unknown mode {mode!r}; use 'nearest' or 'bilinear'")
+    return _bilinear_matrix(arr.shape[0], height) @ arr @ _bilinear_matrix(arr.shape[1], width).T
 
 
 def minmax_normalize(saliency: np.ndarray) -> np.ndarray:
