@@ -21,6 +21,11 @@ torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    return EMBEDDED_DIR
+
+
+@pytest.fixture(scope="session")
 def embedded_explainer() -> Explainer:
     """The shipped, trained embedded model (fp32, CPU)."""
     return Explainer.from_pretrained(EMBEDDED_DIR, device="cpu", dtype="float32")
