@@ -14,7 +14,8 @@ from lvlm_attribution.world.embedded_model import build_model
 from lvlm_attribution.world.scenes import generate
 
 ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED_DIR = Path(os.environ.get("LVLM_TEST_MODEL_DIR", ROOT / "model_store" / "tiny-shapes-llava"))
+EMBEDDED_DIR = Path(os.environ.get("LVLM_TEST_MODEL_DIR",
+                                   ROOT / "model_store" / "tiny-shapes-llava"))
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
