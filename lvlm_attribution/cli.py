@@ -132,8 +132,33 @@ def add_scene(sub) -> None:
     p.set_defaults(func=_scene)
 
 
+# ---- call (a client of the running service) ----------------------------------------------------
+def _call(args: argparse.Namespace) -> int:
+    from .client import run_call
+
+    return run_call(args)
+
+
+def add_call(sub) -> None:
+    p = sub.add_parser("call", help="send one request to a running service (REST or gRPC)")
+    p.add_argument("--url", default="http://127.0.0.1:8080",
+                   help="http://host:8080 (REST) or grpc://host:7070 (gRPC)")
+    p.add_argument("--model", default="lvlm")
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--answer", default=None, help="audit mode: explain this answer")
+    p.add_argument("--methods", default="", help="comma-separated; default: the server's")
+    p.add_argument("--max-new-tokens", type=int, default=0)
+    p.add_argument("--encoding", choices=["png_u8", "f16_zlib"], default="png_u8")
+    p.add_argument("--overlay", action="store_true")
+    p.add_argument("--per-token-maps", action="store_true")
+    p.add_argument("--stream", action="store_true", help="print the answer first")
+    p.add_argument("--json", action="store_true", help="print the response as proto3 JSON")
+    p.set_defaults(func=_call)
+
+
 # Each subcommand registers itself here; add new ones as add_<name> functions above.
-SUBCOMMANDS = [add_train, add_model_eval, add_explain, add_scene]
+SUBCOMMANDS = [add_train, add_model_eval, add_explain, add_scene, add_call]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,243 @@
+"""Typed Python client for the LVLM Attribution Service, over REST or gRPC.
+
+    from lvlm_attribution.client import connect, make_request, decode_heatmap
+
+    with connect("grpc://127.0.0.1:7070") as client:          # or "http://127.0.0.1:8080"
+        resp = client.explain(make_request("scene.png", "what color is the circle ?"))
+        print(resp.answer, [t.probability for t in resp.tokens])
+        grid = decode_heatmap(resp.heatmaps[0])                # float32 (h, w) at the patch grid
+        for part in client.explain_stream(make_request("scene.png", "...")):
+            ...                                                # PART_ANSWER, then PART_COMPLETE
+
+Both clients return `lvlm_attribution.api.v1.explain_pb2.ExplainResponse` (typed, with .pyi
+stubs) and raise `ServiceCallError` with the HTTP status or gRPC code and the server's message.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+
+from . import heatmaps
+from .api.v1 import explain_pb2 as pb
+
+DEFAULT_MODEL = "lvlm"
+GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # well above gRPC's 4 MiB default receive limit
+ENCODINGS = {"png_u8": pb.HEATMAP_ENCODING_PNG_U8, "f16_zlib": pb.HEATMAP_ENCODING_F16_ZLIB}
+ENCODING_NAMES = {pb.HEATMAP_ENCODING_UNSPECIFIED: "png_u8", pb.HEATMAP_ENCODING_PNG_U8: "png_u8",
+                  pb.HEATMAP_ENCODING_F16_ZLIB: "f16_zlib"}
+
+
+@dataclass
+class ServiceCallError(Exception):
+    """The service refused or failed a request. `status` is the HTTP status (REST) or the gRPC
+    status code name (e.g. "INVALID_ARGUMENT"); `message` names the field and the limit."""
+
+    status: int | str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.message}"
+
+
+def make_request(image: bytes | str | Path, question: str, answer: str | None = None, *,
+                 methods: Iterable[str] = (), max_new_tokens: int = 0,
+                 per_token_maps: bool = False, encoding: str = "png_u8", overlay: bool = False,
+                 request_id: str = "", stream: bool = False,
+                 method_settings: Mapping[str, Mapping[str, Any]] | None = None,
+                 ) -> pb.ExplainRequest:
+    """Build an ExplainRequest; `image` is the file's bytes or its path."""
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    req = pb.ExplainRequest(image=data, question=question, methods=list(methods),
+                            request_id=request_id, stream=stream)
+    if answer is not None:
+        req.answer = answer
+    req.generation.max_new_tokens = max_new_tokens
+    req.heatmaps.per_token_maps = per_token_maps
+    req.heatmaps.encoding = ENCODINGS[encoding]
+    req.heatmaps.overlay = overlay
+    for name, settings in (method_settings or {}).items():
+        req.method_settings[name].update(dict(settings))
+    return req
+
+
+def decode_heatmap(h: pb.Heatmap) -> np.ndarray:
+    """The sequence-level map as float32 (height, width)."""
+    return heatmaps.decode(h.data, ENCODING_NAMES[h.encoding], (h.height, h.width), h.min_value,
+                           h.max_value)
+
+
+def decode_token_maps(h: pb.Heatmap) -> list[np.ndarray]:
+    """Per-token maps (present when requested with per_token_maps)."""
+    return [heatmaps.decode(m.data, ENCODING_NAMES[h.encoding], (h.height, h.width), m.min_value,
+                            m.max_value) for m in h.per_token]
+
+
+class RestClient:
+    """POST /predictions/{model} with the proto3 JSON mapping of ExplainRequest."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8080", model: str = DEFAULT_MODEL,
+                 timeout: float = 120.0) -> None:
+        self.endpoint = f"{url.rstrip('/')}/predictions/{model}"
+        self.timeout = timeout
+
+    def explain(self, request: pb.ExplainRequest) -> pb.ExplainResponse:
+        if request.stream:
+            raise ValueError("use explain_stream() for stream=True")
+        with self._post(request) as resp:
+            return _parse_json(resp.read())
+
+    def explain_stream(self, request: pb.ExplainRequest) -> Iterator[pb.ExplainResponse]:
+        """Chunked response, one JSON document per line: the answer first, then everything."""
+        stream = pb.ExplainRequest()
+        stream.CopyFrom(request)
+        stream.stream = True
+        with self._post(stream) as resp:
+            for line in resp:
+                if line.strip():
+                    yield _parse_json(line)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> RestClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _post(self, request: pb.ExplainRequest):
+        body = json.dumps(json_format.MessageToDict(request)).encode()
+        req = urllib.request.Request(self.endpoint, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            try:
+                message = json.loads(raw).get("message", "")
+            except (ValueError, AttributeError):
+                message = raw.decode(errors="replace")
+            raise ServiceCallError(err.code, message) from None
+
+
+class GrpcClient:
+    """TorchServe's InferenceAPIsService; the ExplainRequest travels in input["request"]."""
+
+    def __init__(self, target: str = "127.0.0.1:7070", model: str = DEFAULT_MODEL,
+                 timeout: float = 120.0, max_message_bytes: int = GRPC_MAX_MESSAGE_BYTES) -> None:
+        import grpc
+
+        from .api.torchserve import inference_pb2_grpc
+
+        self._grpc = grpc
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
+        self.stub = inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
+        self.model = model
+        self.timeout = timeout
+
+    def explain(self, request: pb.ExplainRequest) -> pb.ExplainResponse:
+        if request.stream:
+            raise ValueError("use explain_stream() for stream=True")
+        try:
+            reply = self.stub.Predictions(self._wrap(request), timeout=self.timeout)
+        except self._grpc.RpcError as err:
+            raise _grpc_error(err) from None
+        return pb.ExplainResponse.FromString(reply.prediction)
+
+    def explain_stream(self, request: pb.ExplainRequest) -> Iterator[pb.ExplainResponse]:
+        stream = pb.ExplainRequest()
+        stream.CopyFrom(request)
+        stream.stream = True
+        try:
+            for reply in self.stub.StreamPredictions(self._wrap(stream), timeout=self.timeout):
+                yield pb.ExplainResponse.FromString(reply.prediction)
+        except self._grpc.RpcError as err:
+            raise _grpc_error(err) from None
+
+    def ping(self) -> str:
+        from google.protobuf import empty_pb2
+
+        return json.loads(self.stub.Ping(empty_pb2.Empty(), timeout=self.timeout).health)["status"]
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> GrpcClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _wrap(self, request: pb.ExplainRequest):
+        from .api.torchserve import inference_pb2
+
+        return inference_pb2.PredictionsRequest(model_name=self.model,
+                                                input={"request": request.SerializeToString()})
+
+
+def connect(url: str, model: str = DEFAULT_MODEL, timeout: float = 120.0
+            ) -> RestClient | GrpcClient:
+    """`http(s)://host:port` -> REST, `grpc://host:port` -> gRPC."""
+    if url.startswith("grpc://"):
+        return GrpcClient(url.removeprefix("grpc://"), model, timeout)
+    if url.startswith(("http://", "https://")):
+        return RestClient(url, model, timeout)
+    raise ValueError(f"url must start with http://, https:// or grpc://, got {url!r}")
+
+
+def _parse_json(raw: bytes) -> pb.ExplainResponse:
+    return json_format.ParseDict(json.loads(raw), pb.ExplainResponse(), ignore_unknown_fields=True)
+
+
+def _grpc_error(err) -> ServiceCallError:
+    details = (err.details() or "").split("\norg.pytorch.serve")[0]  # TorchServe's suffix
+    return ServiceCallError(err.code().name, details)
+
+
+def summarize(resp: pb.ExplainResponse) -> str:
+    """A short human-readable view (used by `lvlm-attribution call`)."""
+    lines = [f"answer: {resp.answer}" + ("  (audit mode)" if resp.audit_mode else "")]
+    for t in resp.tokens:
+        weights = " ".join(f"{k}={v:.3g}" for k, v in sorted(t.weights.items()))
+        flag = "" if not t.HasField("grounded") else (" grounded" if t.grounded else " FLAGGED")
+        lines.append(f"  [{t.index}] {t.text!r} p={t.probability:.3f} {weights}{flag}")
+    for h in resp.heatmaps:
+        grid = decode_heatmap(h)
+        r, c = np.unravel_index(int(np.argmax(grid)), grid.shape)
+        lines.append(f"heatmap {h.method}: {h.height}x{h.width} {ENCODING_NAMES[h.encoding]} "
+                     f"{len(h.data)} B, peak at row {r} col {c}")
+    if resp.HasField("grounding"):
+        lines.append(f"grounding: {resp.grounding.score:.3f} ({resp.grounding.rule})")
+    if resp.timings:
+        lines.append(f"total: {resp.timings.get('total', 0.0):.3f} s; model "
+                     f"{resp.model.name}@{resp.model.version}")
+    return "\n".join(lines)
+
+
+def run_call(args: Any) -> int:
+    """`lvlm-attribution call`: one request; prints a summary or the response's JSON."""
+    request = make_request(args.image, args.question, args.answer,
+                           methods=[m for m in (args.methods or "").split(",") if m],
+                           max_new_tokens=args.max_new_tokens, encoding=args.encoding,
+                           overlay=args.overlay, per_token_maps=args.per_token_maps)
+    try:
+        with connect(args.url, args.model) as client:
+            parts = client.explain_stream(request) if args.stream else [client.explain(request)]
+            for resp in parts:
+                print(json.dumps(json_format.MessageToDict(resp)) if args.json
+                      else summarize(resp), flush=True)
+    except ServiceCallError as err:
+        print(f"error: {err}", flush=True)
+        return 2
+    return 0
