@@ -46,5 +46,10 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# Render every k8s overlay and validate it strictly (built-in kinds + vendored CRD schemas),
+# then promtool check/test the alert rules. Needs kubectl; see deploy/scripts/k8s_validate.sh.
+k8s-validate: setup
+	bash deploy/scripts/k8s_validate.sh
+
 clean:
 	rm -rf $(VENV) model_store/*.mar model_store/build logs
