@@ -1,0 +1,65 @@
+"""AttnGrad: attention weighted by positive logit-lens gradients, summed over layers (the
+gradient-weighted attention baseline used in LVLM attribution comparisons, e.g. the DEX-AR paper,
+arXiv 2603.06302; the A ⊙ ReLU(∇A) form follows Chefer et al. 2021 Eq. 5 without propagation).
+
+Notation -> code (DESIGN §3):
+  o^l_t              lens logit      lm_head(final_norm(h^l[t-1]))[y_t]
+  A^{l,h}[t-1, :]    attn[l, h, t]   post-softmax attention of row t-1
+  g^{t,l,h}          grads[l, h, t]  d o^l_t / d A^{l,h} at row t-1, layer l's own attention only
+  M_t                token_maps[t]   sum_l (1/H) sum_h (A ⊙ ReLU(g))^{t,l,h}[t-1, V]   (Eq. G1)
+  sequence map       mean_t M_t                                                   (Eq. G2)
+
+One pass, exact (DESIGN §4, as in dexar.py): teacher-force once with every decoder layer's input
+a fresh leaf, so o^l reaches only layer l's own attention; sum o^l_t over layers and tokens; one
+backward. Row t-1 of the gradient w.r.t. A^l is then exactly d o^l_t / d A^l (rows are separate:
+row t-1 of layer l's output depends only on row t-1 of A^l once the input is a leaf). Only the
+rows t-1 are materialized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..capture import CaptureSpec
+from ..context import AttributionContext
+from ..schema import MethodOutput
+from ._common import sequence_output
+from .registry import register_method
+
+
+@dataclass(frozen=True)
+class AttnGradConfig:
+    last_k_layers: int | None = None  # None = sum over all layers
+
+    def validate(self) -> None:
+        if self.last_k_layers is not None and self.last_k_layers < 1:
+            raise ValueError("last_k_layers must be >= 1")
+
+
+def lens_attention_and_gradients(ctx: AttributionContext,
+                                 layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, g), each (L, H, T, N): attention of rows t-1 and d o^l_t / d A^{l,h} at rows t-1,
+    all tokens and layers from one forward and one backward (same spec as dexar.lens_gradients)."""
+    spec = CaptureSpec(layers=layers, rows=ctx.predict_rows, layer_outputs=True,
+                       detach_layer_inputs=True)
+    _, captured = ctx.forward(spec, check=True)
+    total = sum(ctx.lens_target_logits(captured.layer_outputs[k]).sum() for k in layers)
+    probs = [captured.probs[k] for k in layers]
+    grads = torch.autograd.grad(total, probs)
+    attn = torch.stack([p[0].detach() for p in probs]).float()
+    return attn, torch.stack([g[0] for g in grads]).float()
+
+
+def attngrad_maps(attn: torch.Tensor, grads: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Eq. G1. attn, grads: (L, H, T, N) at the predicting rows. Returns (T, |V|)."""
+    return (attn * grads.clamp_min(0)).mean(1).sum(0)[:, visual]
+
+
+@register_method("attngrad", config=AttnGradConfig, needs_gradients=True,
+                 summary="AttnGrad: sum over layers of E_h[A ⊙ ReLU(d o^l / d A)], row t-1")
+def attribute(ctx: AttributionContext, cfg: AttnGradConfig) -> MethodOutput:
+    layers = list(ctx.layers(last_k=cfg.last_k_layers))
+    attn, grads = lens_attention_and_gradients(ctx, layers)
+    return sequence_output(ctx, attngrad_maps(attn, grads, ctx.visual_positions), cfg)
