@@ -182,15 +182,9 @@ def capture(model: nn.Module, adapter: ModelAdapter, spec: CaptureSpec) -> Itera
             _ACTIVE.pop()
 
 
-def hook_snapshot(model: nn.Module) -> dict[str, int]:
-    """Number of forward hooks per module (transformers installs some of its own)."""
-    return {name: len(m._forward_hooks) + len(m._forward_pre_hooks)
-            for name, m in model.named_modules()}
-
-
-def leftover_state(model: nn.Module, before: dict[str, int]) -> list[str]:
-    """Anything a capture left behind (used by tests): registrations, hooks, implementations.
-    `before` is `hook_snapshot(model)` taken before the capture."""
+def leftover_state(model: nn.Module) -> list[str]:
+    """Anything a capture left behind (used by tests): registrations, our hooks, the capture
+    implementation. transformers installs hooks of its own; only ours are reported."""
     problems = []
     if IMPLEMENTATION in AttentionInterface._global_mapping:
         problems.append("attention function still registered")
@@ -198,8 +192,10 @@ def leftover_state(model: nn.Module, before: dict[str, int]) -> list[str]:
         problems.append("mask function still registered")
     if IMPLEMENTATION in _implementations(model).values():
         problems.append("model still uses the capture implementation")
-    after = hook_snapshot(model)
-    problems += [f"hook left on {name}" for name in after if after[name] != before.get(name, 0)]
+    for name, module in model.named_modules():
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        if any(getattr(h, "__module__", None) == __name__ for h in hooks):
+            problems.append(f"hook left on {name}")
     if _ACTIVE:
         problems.append("capture stack not empty")
     return problems
