@@ -1,6 +1,6 @@
 """Model adapters, one per family. Importing this package registers them all."""
 
-from . import llava  # noqa: F401  (registers)
+from . import llava, paligemma, qwen2_5_vl  # noqa: F401  (registers)
 from .base import ModelAdapter, PreparedPrompt
 from .registry import adapter_for, register_adapter, supported_model_classes
 

@@ -1,0 +1,103 @@
+"""Qwen2.5-VL (Qwen/Qwen2.5-VL-*-Instruct layout).
+
+Geometry: dynamic resolution. The image processor resizes the whole image (no crop) so that both
+sides are multiples of patch*merge (28 px for the real model) and the pixel count lies within
+[min_pixels, max_pixels]; the ViT sees a (t, h, w) patch grid (`image_grid_thw`, t = 1 for a still
+image) and the merger fuses 2x2 patches, so the decoder gets t*h*w/4 visual tokens, row-major
+over the (h/2, w/2) LLM grid, at the `<|image_pad|>` positions between `<|vision_start|>` and
+`<|vision_end|>`. The vision tower permutes patches into windows and the merger un-permutes them,
+so decoder order is plain row-major.
+
+Positions: 3D mrope. The model computes them from `input_ids`, `image_grid_thw` and
+`mm_token_type_ids` (0 text, 1 image), which the real processor returns; without
+`mm_token_type_ids` the model silently falls back to 1D positions. The prompt is therefore
+built here (image processor + tokenizer, one `<|image_pad|>` expanded to the token count, exactly
+as `Qwen2_5_VLProcessor` does for images), which also works where that processor cannot be
+constructed (no torchvision: its video processor needs it). Teacher forcing extends
+`mm_token_type_ids` with 0s for the answer, so a full [prompt | answer] forward reproduces the
+positions generation uses (text positions continue at max(prompt positions) + 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from .base import ModelAdapter, PreparedPrompt
+from .registry import register_adapter
+
+
+@register_adapter
+class Qwen2_5_VLAdapter(ModelAdapter):  # noqa: N801  (the transformers class spelling)
+    family = "qwen2_5_vl"
+    model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+    decoder_path = "model.language_model.layers"
+    final_norm_path = "model.language_model.norm"
+
+    @property
+    def image_token(self) -> str:
+        return getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
+        image = image.convert("RGB")
+        text = self.prompt_text(question)
+        if text.count(self.image_token) != 1:
+            raise ValueError(f"the chat template must place exactly one {self.image_token}")
+        pixels = self.processor.image_processor(images=image, return_tensors="pt")
+        grid_thw = pixels["image_grid_thw"]
+        t, h, w = (int(v) for v in grid_thw[0])
+        grid = (t * h // self.merge_size, w // self.merge_size)
+        text = text.replace(self.image_token, self.image_token * (grid[0] * grid[1]))
+        encoded = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        input_ids = encoded["input_ids"]
+        config = self.model.config
+        is_image = input_ids[0] == config.image_token_id
+        visual = torch.nonzero(is_image).flatten()
+        self._check_visual_block(input_ids[0], visual, grid)
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": encoded["attention_mask"],
+            "pixel_values": pixels["pixel_values"],
+            "image_grid_thw": grid_thw,
+            "mm_token_type_ids": is_image.to(torch.long)[None],
+        }
+        question_positions = self.locate_question(input_ids[0], question)
+        resized = (w * self.patch_size, h * self.patch_size)  # (width, height) the ViT saw
+        return PreparedPrompt(
+            model_inputs=inputs,
+            visual_positions=visual,
+            grid=grid,
+            question_positions=question_positions,
+            question_tokens=self.tokenizer.convert_ids_to_tokens(
+                input_ids[0, question_positions].tolist()),
+            image_size=image.size,
+            grid_box=(0.0, 0.0, float(image.size[0]), float(image.size[1])),
+            extras={"image_grid_thw": (t, h, w), "resized_size": resized},
+        )
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.config.vision_config.patch_size)
+
+    def _check_visual_block(self, ids: torch.Tensor, visual: torch.Tensor,
+                            grid: tuple[int, int]) -> None:
+        config = self.model.config
+        if len(visual) != grid[0] * grid[1]:
+            raise ValueError(f"{len(visual)} image tokens for an LLM grid of {grid}")
+        first, last = int(visual[0]), int(visual[-1])
+        if (last - first + 1 != len(visual)
+                or int(ids[first - 1]) != config.vision_start_token_id
+                or int(ids[last + 1]) != config.vision_end_token_id):
+            raise ValueError("image tokens are not one block between vision start and end")
+
+    def teacher_forced_inputs(self, prompt: PreparedPrompt,
+                              answer_ids: list[int]) -> dict[str, torch.Tensor]:
+        inputs = super().teacher_forced_inputs(prompt, answer_ids)
+        types = prompt.model_inputs["mm_token_type_ids"]
+        text = torch.zeros((1, len(answer_ids)), dtype=types.dtype)  # answer tokens are text
+        inputs["mm_token_type_ids"] = torch.cat([types, text], dim=1)
+        return inputs
