@@ -1,0 +1,144 @@
+"""A real TorchServe, started once per test session on free local ports in a temporary folder,
+serving the embedded model (or $LVLM_MODEL_DIR) through handlers/lvlm_handler.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+MODEL_NAME = "lvlm"
+READY_TIMEOUT_S = 240
+
+
+@dataclass(frozen=True)
+class Server:
+    rest: str  # http://127.0.0.1:port
+    grpc: str  # 127.0.0.1:port
+    management: str
+    metrics: str
+    log_dir: Path
+
+    def log_tail(self, lines: int = 60) -> str:
+        path = self.log_dir / "model_log.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() \
+            else "(no model log)"
+
+
+def model_dir() -> Path:
+    for candidate in (os.environ.get("LVLM_MODEL_DIR"), REPO / "model_store" / "tiny-shapes-llava",
+                      REPO / "runs" / "train-a"):
+        if candidate and (Path(candidate) / "config.json").exists():
+            return Path(candidate).resolve()
+    pytest.skip("no embedded model: model_store/tiny-shapes-llava is missing")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def write_configs(root: Path, ports: list[int]) -> tuple[Path, Path]:
+    rest, mgmt, metrics, grpc_inf, grpc_mgmt, worker = ports
+    cfg = yaml.safe_load((REPO / "deploy" / "model-config.yaml").read_text())
+    cfg["handler"]["model_dir"] = str(model_dir())
+    model_config = root / "model-config.yaml"
+    model_config.write_text(yaml.safe_dump(cfg))
+    overrides = {
+        "inference_address": f"http://127.0.0.1:{rest}",
+        "management_address": f"http://127.0.0.1:{mgmt}",
+        "metrics_address": f"http://127.0.0.1:{metrics}",
+        "grpc_inference_port": str(grpc_inf), "grpc_management_port": str(grpc_mgmt),
+        "initial_worker_port": str(worker),  # the worker's unix socket name: avoid clashes
+        "model_store": str(root / "model_store"),
+        "metrics_config": str(REPO / "deploy" / "metrics.yaml"),
+    }
+    lines = []
+    for line in (REPO / "deploy" / "config.properties").read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if not line.startswith("#") and key in overrides:
+            line = f"{key}={overrides.pop(key)}"
+        lines.append(line)
+    lines += [f"{k}={v}" for k, v in overrides.items()]
+    properties = root / "config.properties"
+    properties.write_text("\n".join(lines) + "\n")
+    return model_config, properties
+
+
+def wait_ready(management: str, proc_log: Path) -> None:
+    deadline = time.time() + READY_TIMEOUT_S
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{management}/models/{MODEL_NAME}", timeout=5) as r:
+                workers = json.loads(r.read())[0].get("workers", [])
+            if any(w.get("status") == "READY" for w in workers):
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"TorchServe model not READY after {READY_TIMEOUT_S} s; "
+                       f"see {proc_log}")
+
+
+@pytest.fixture(scope="session")
+def torchserve(tmp_path_factory) -> Server:
+    if shutil.which("java") is None:
+        pytest.skip("java is not installed")
+    root = tmp_path_factory.mktemp("torchserve")
+    (root / "model_store").mkdir()
+    (root / "tmp").mkdir()  # TorchServe's pid file lives in $TMPDIR: keep ours private
+    ports = free_ports(6)
+    model_config, properties = write_configs(root, ports)
+    env = {**os.environ, "TMPDIR": str(root / "tmp"), "LOG_LOCATION": str(root / "logs"),
+           "METRICS_LOCATION": str(root / "logs"), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(REPO / "deploy/scripts/build_mar.sh"), "--config",
+                    str(model_config), "--out", str(root / "model_store")],
+                   check=True, env=env, cwd=REPO, capture_output=True)
+    out = (root / "torchserve.out").open("w")
+    subprocess.run([str(VENV_BIN / "torchserve"), "--start", "--ncs", "--ts-config",
+                    str(properties)], check=True, env=env, cwd=root, stdout=out,
+                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = Server(rest=f"http://127.0.0.1:{ports[0]}", grpc=f"127.0.0.1:{ports[3]}",
+                    management=f"http://127.0.0.1:{ports[1]}",
+                    metrics=f"http://127.0.0.1:{ports[2]}", log_dir=root / "logs")
+    try:
+        wait_ready(server.management, root / "logs")
+        yield server
+    finally:
+        pid_file = root / "tmp" / ".model_server.pid"
+        pid = int(pid_file.read_text().strip()) if pid_file.exists() else None
+        subprocess.run([str(VENV_BIN / "torchserve"), "--stop"], env=env, cwd=root,
+                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        out.close()
+        _kill_if_alive(pid)
+
+
+def _kill_if_alive(pid: int | None) -> None:
+    """Our own frontend (by the pid TorchServe recorded for this session), if --stop missed it."""
+    if pid is None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        time.sleep(3)
