@@ -1,0 +1,208 @@
+"""Image-space perturbation tools shared by LLR token selection, iGOS++ and the evaluation metrics.
+
+Notation (DESIGN §3, papers 002/003):
+  I            the image as received (PIL), Ĩ its baseline (blurred, zero or noise)
+  pv, pṽ       their processed pixel values, (1, C, H, W), from the model's own image processor
+  M            a mask in [0, 1] at processed resolution, (B, 1, H, W); 1 = keep the image
+  φ(M)         composite pv·M + pṽ·(1 − M)                                          (Eq 7)
+  ln p(y_t|·)  teacher-forced log-probability of answer token y_t, read at row t − 1
+
+Compositing happens in processed pixel space. That is exact for LLaVA-style processors: resize,
+rescale and normalize are linear maps applied channel-wise, so processing a pixel-space composite
+equals compositing the processed images (up to the processor's uint8 rounding of resized images).
+Families whose processor flattens patches (Qwen2.5-VL: pixel_values (num_patches, C·T·P·P)) need
+an adapter override mapping a (H, W) mask onto the flattened patches; `composite` refuses
+non-(B, C, H, W) pixel values rather than silently mis-compositing.
+
+Blur baseline: the official code (bytedance/LVLM_Interpretation, `cv2.GaussianBlur`) picks the
+kernel size by image width (101 / 201 / 301 / 501 for width < 500 / ≥ 500 / ≥ 800 / ≥ 2000) and
+sets σ = kernel − 1. We implement the same blur as a separable convolution with cv2's default
+border rule (BORDER_REFLECT_101, "dcb|abcd|cba") and cv2's Gaussian taps, in float64, rounded back
+to uint8. Deviation: none in the formula; note that for small images (the embedded model's 64 px)
+the 101-tap kernel is wider than the image. Reflect-101 indexing is computed modulo the period
+2·(n − 1), so it stays defined (and equals what cv2 does) even then; with σ = 100 the result is
+close to a flat image of the mean colour — i.e. no spatial information, which is the baseline's
+purpose.
+
+Batched scoring: `answer_logprobs` runs ONE forward over a batch of images sharing the same
+teacher-forced text, and projects only the needed predicting rows through the LM head via
+transformers' `logits_to_keep` (a 1-D index tensor), which every *ForConditionalGeneration in
+transformers ≥ 4.50 accepts; no adapter change was needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .context import AttributionContext
+
+# (min width, kernel size), checked top-down: the official rule.
+BLUR_KERNEL_RULE: tuple[tuple[int, int], ...] = ((2000, 501), (800, 301), (500, 201), (0, 101))
+BASELINES = ("blur", "zero", "noise")
+
+
+# ---- baselines (Ĩ) -----------------------------------------------------------------------------
+def blur_kernel_size(width: int) -> int:
+    """Official kernel rule: 101 / 201 / 301 / 501 for width < 500 / ≥ 500 / ≥ 800 / ≥ 2000."""
+    for min_width, ksize in BLUR_KERNEL_RULE:
+        if width >= min_width:
+            return ksize
+    raise ValueError(f"invalid width {width}")
+
+
+def gaussian_kernel_1d(ksize: int, sigma: float) -> np.ndarray:
+    """cv2.getGaussianKernel for ksize > 7: exp(−(i − (k−1)/2)² / (2σ²)), normalized to sum 1."""
+    x = np.arange(ksize, dtype=np.float64) - (ksize - 1) / 2.0
+    k = np.exp(-(x * x) / (2.0 * sigma * sigma))
+    return k / k.sum()
+
+
+def reflect101_index(idx: np.ndarray, n: int) -> np.ndarray:
+    """cv2 BORDER_REFLECT_101 for any offset, also beyond one image width ("dcb|abcd|cba")."""
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    m = np.mod(idx, period)
+    return np.where(m < n, m, period - m)
+
+
+def blur_matrix(n: int, kernel: np.ndarray) -> np.ndarray:
+    """(n, n) matrix B with (B @ x)[i] = Σ_j kernel[j] · x[reflect101(i + j − k//2)]: the 1-D
+    convolution with cv2's border folded in (exact for any n, also when the kernel is wider)."""
+    half = len(kernel) // 2
+    rows = np.repeat(np.arange(n), len(kernel))
+    cols = reflect101_index(rows + np.tile(np.arange(len(kernel)) - half, n), n)
+    mat = np.zeros((n, n), dtype=np.float64)
+    np.add.at(mat, (rows, cols), np.tile(kernel, n))
+    return mat
+
+
+def blur_array(arr: np.ndarray, ksize: int, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of an (H, W[, C]) array, reflect-101 border, float64 result."""
+    kernel = gaussian_kernel_1d(ksize, sigma)
+    x = arr.astype(np.float64)
+    rows = blur_matrix(x.shape[0], kernel)
+    cols = blur_matrix(x.shape[1], kernel)
+    return np.einsum("ij,jk...->ik...", rows, np.einsum("kl,jl...->jk...", cols, x))
+
+
+def blur_baseline(image: Image.Image, ksize: int | None = None,
+                  sigma: float | None = None) -> Image.Image:
+    """Ĩ = GaussianBlur(I, ksize by width, σ = ksize − 1), as the official code does it."""
+    rgb = np.asarray(image.convert("RGB"))
+    ksize = ksize or blur_kernel_size(image.width)
+    sigma = float(ksize - 1) if sigma is None else sigma
+    out = blur_array(rgb, ksize, sigma)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+def zero_baseline(image: Image.Image) -> Image.Image:
+    """All-zero (black) image of the same size; processed like any image (ablation, paper 002)."""
+    return Image.new("RGB", image.size, (0, 0, 0))
+
+
+def noise_baseline(image: Image.Image, seed: int = 0) -> Image.Image:
+    """Uniform noise in [0, 255], seeded (ablation, paper 002)."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(image.height, image.width, 3), dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def make_baseline(image: Image.Image, kind: str = "blur", seed: int = 0) -> Image.Image:
+    if kind == "blur":
+        return blur_baseline(image)
+    if kind == "zero":
+        return zero_baseline(image)
+    if kind == "noise":
+        return noise_baseline(image, seed)
+    raise ValueError(f"unknown baseline {kind!r}; known: {BASELINES}")
+
+
+# ---- processed pixel space -----------------------------------------------------------------------
+def source_image(ctx: AttributionContext) -> Image.Image:
+    """The image being explained. Uses `prompt.extras["image"]` when the adapter kept it; else
+    inverts the processor's rescale/normalize on the processed pixels (exact up to uint8
+    rounding for LLaVA at its own resolution; the blur kernel is then chosen by the processed
+    width instead of the received width — documented in docs/methods/igos.md)."""
+    kept = ctx.prompt.extras.get("image")
+    if isinstance(kept, Image.Image):
+        return kept
+    pv = ctx.prompt.model_inputs["pixel_values"]
+    if pv.dim() != 4:
+        raise NotImplementedError("cannot reconstruct an image from flattened-patch pixel values; "
+                                  "the adapter must keep the image in prompt.extras['image']")
+    proc = _image_processor(ctx)
+    x = pv[0].detach().double().cpu()
+    if getattr(proc, "do_normalize", False):
+        mean = torch.tensor(proc.image_mean, dtype=torch.float64)[:, None, None]
+        std = torch.tensor(proc.image_std, dtype=torch.float64)[:, None, None]
+        x = x * std + mean
+    if getattr(proc, "do_rescale", False):
+        x = x / proc.rescale_factor
+    arr = x.permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
+def _image_processor(ctx: AttributionContext) -> Any:
+    return getattr(ctx.adapter.processor, "image_processor", ctx.adapter.processor)
+
+
+def image_inputs_for(ctx: AttributionContext, image: Image.Image) -> dict[str, torch.Tensor]:
+    """The model's image entries for `image`, through the model's own image processor and the
+    adapter's `image_inputs` (so the family decides which entries carry the image)."""
+    raw = _image_processor(ctx)(images=image.convert("RGB"), return_tensors="pt")
+    dtype = ctx.inputs["pixel_values"].dtype
+    out = {}
+    for k, v in ctx.adapter.image_inputs(dict(raw)).items():
+        v = v.to(ctx.device)
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def baseline_pixel_values(ctx: AttributionContext, kind: str = "blur",
+                          seed: int = 0) -> torch.Tensor:
+    """pṽ: processed pixel values of the baseline image, (1, C, H, W); cached on the context."""
+    key = ("baseline_pixels", kind, seed)
+    if key not in ctx._cache:
+        baseline = make_baseline(source_image(ctx), kind, seed)
+        ctx._cache[key] = image_inputs_for(ctx, baseline)["pixel_values"]
+    return ctx._cache[key]
+
+
+def composite(pv: torch.Tensor, pv_base: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """φ(M) = pv·M + pṽ·(1 − M); mask (B, 1, H, W) broadcast over channels (Eq 7)."""
+    if pv.dim() != 4:
+        raise NotImplementedError("compositing needs (B, C, H, W) pixel values; flattened-patch "
+                                  "families (Qwen2.5-VL) need an adapter override")
+    return pv * mask + pv_base * (1 - mask)
+
+
+# ---- batched scorer ---------------------------------------------------------------------------
+def batched_inputs(ctx: AttributionContext, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ctx.inputs with the text repeated over the batch and the image entries replaced."""
+    batch = pixel_values.shape[0]
+    image_keys = set(ctx.adapter.image_inputs(ctx.inputs))
+    inputs = {k: v.expand(batch, *v.shape[1:]) for k, v in ctx.inputs.items()
+              if k not in image_keys}
+    inputs["pixel_values"] = pixel_values.to(ctx.inputs["pixel_values"].dtype)
+    return inputs
+
+
+def answer_logprobs(ctx: AttributionContext, pixel_values: torch.Tensor,
+                    positions: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+    """(B, T') ln p(y_t | image_b, prompt, y_<t) for t in `positions` (all answer tokens if None).
+
+    One forward over the whole batch; the LM head is applied only at the predicting rows t − 1.
+    Differentiable w.r.t. `pixel_values` when called under grad mode."""
+    if positions is None:
+        positions = torch.arange(ctx.num_answer_tokens, device=ctx.device)
+    positions = torch.as_tensor(positions, dtype=torch.long, device=ctx.device)
+    rows = ctx.predict_rows[positions]
+    targets = ctx.answer_ids_tensor[positions]
+    out = ctx.model(**batched_inputs(ctx, pixel_values), logits_to_keep=rows, use_cache=False)
+    logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B, T', vocab)
+    return logp.gather(2, targets[None, :, None].expand(logp.shape[0], -1, 1))[..., 0]
