@@ -2,6 +2,7 @@
 
 from . import attngrad  # noqa: F401
 from . import dexar  # noqa: F401  (registers)
+from . import glimpse  # noqa: F401
 from . import gradcam  # noqa: F401
 from . import raw_attention  # noqa: F401
 from . import rollout  # noqa: F401
