@@ -4,6 +4,7 @@ from . import attngrad  # noqa: F401
 from . import dexar  # noqa: F401  (registers)
 from . import glimpse  # noqa: F401
 from . import gradcam  # noqa: F401
+from . import igos  # noqa: F401
 from . import raw_attention  # noqa: F401
 from . import rollout  # noqa: F401
 from . import tmme  # noqa: F401
