@@ -2,6 +2,9 @@
 
     python proto/generate.py [--out DIR]
 
+proto/google/rpc/status.proto (wire-identical to googleapis') only lets non-Python clients compile
+inference.proto with `-I proto`; no Python is generated for it.
+
 Writes `*_pb2.py`, `*_pb2.pyi` and (for services) `*_pb2_grpc.py` next to the package path of each
 .proto under DIR (default: the repository root), e.g. proto/lvlm_attribution/api/v1/explain.proto
 -> lvlm_attribution/api/v1/explain_pb2.py. Uses grpcio-tools' bundled protoc and the
