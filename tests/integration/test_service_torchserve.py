@@ -232,8 +232,10 @@ def _value(samples, name: str, **labels: str) -> float:
 
 def test_metrics_move_for_both_transports(torchserve, clients) -> None:
     before = _scrape(torchserve)
+    grounded = False
     for transport in TRANSPORTS:
-        clients[transport].explain(make_request(IMAGE, SCENE.question, methods=METHODS))
+        resp = clients[transport].explain(make_request(IMAGE, SCENE.question, methods=METHODS))
+        grounded = grounded or resp.HasField("grounding")
         with pytest.raises(ServiceCallError):
             clients[transport].explain(_request(question=""))
     checks = [("lvlm_requests_total", {"outcome": o, "transport": t})
@@ -245,6 +247,8 @@ def test_metrics_move_for_both_transports(torchserve, clients) -> None:
                                                      "transport": t})
                for t in TRANSPORTS for m in METHODS]
     checks += [(f"{n}_count", {}) for n in ("lvlm_answer_tokens", "lvlm_visual_tokens")]
+    if grounded:  # the engine reports grounding once its rule is in place
+        checks.append(("lvlm_grounding_score_count", {}))
     deadline = time.time() + 30  # the frontend reads the worker's metric lines asynchronously
     while True:
         after = _scrape(torchserve)
