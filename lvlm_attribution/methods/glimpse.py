@@ -112,17 +112,19 @@ def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 def fuse_heads(attn: torch.Tensor, grad: torch.Tensor, cfg: GlimpseConfig):
     """attn (H, N, N), grad (B, H, N, N) for B tokens -> fused Ā (B, N, N) (Eq 5-8),
-    head weights w (B, H) (Eq 6-7) and unnormalized layer evidence ‖Σ_h G‖₁ (B,) (Eq 9)."""
-    pos = grad.clamp_min(0)
-    ghat = attn * pos  # Eq 5
-    score = _safe_divide(ghat.sum(dim=(-2, -1)), pos.sum(dim=(-2, -1)))  # Eq 6
+    head weights w (B, H) (Eq 6-7) and unnormalized layer evidence ‖Σ_h G‖₁ (B,) (Eq 9).
+    `grad` is consumed: overwritten in place, so one (B, H, N, N) buffer serves G, ReLU(G), Ĝ."""
+    evidence = grad.sum(1).abs().sum(dim=(-2, -1))  # Eq 9, heads summed before |·|
+    pos = grad.clamp_min_(0)  # ReLU(G)
+    mass = pos.sum(dim=(-2, -1))
+    ghat = pos.mul_(attn)  # Eq 5
+    score = _safe_divide(ghat.sum(dim=(-2, -1)), mass)  # Eq 6
     if cfg.head_average:
         head_w = torch.full_like(score, 1.0 / score.shape[-1])
     else:
         head_w = torch.softmax(score / cfg.tau, dim=-1)  # Eq 7
     fused = torch.einsum("bh,bhij->bij", head_w, ghat)  # Eq 8, then rownorm
     fused = _safe_divide(fused, fused.sum(-1, keepdim=True))
-    evidence = grad.sum(1).abs().sum(dim=(-2, -1))  # Eq 9, heads summed before |·|
     return fused, head_w, evidence
 
 
@@ -194,10 +196,9 @@ def relevance_rows(ctx: AttributionContext, cfg: GlimpseConfig):
     logits, captured = ctx.forward(CaptureSpec(layers=layers), check=True)
     z = ctx.target_logits(logits)
     probs = [captured.probs[layer] for layer in layers]
-    attn = [p[0].detach().float() for p in probs]  # (H, N, N)
     prior = depth_prior(layers, ctx.adapter.num_layers, cfg).to(z.device)
     num_tokens, n = ctx.num_answer_tokens, ctx.seq_len
-    heads = attn[0].shape[0]
+    heads = probs[0].shape[1]
     rows = torch.zeros(num_tokens, n, device=z.device)
     alpha = torch.zeros(num_tokens, len(layers), device=z.device)
     head_w = torch.zeros(num_tokens, len(layers), heads, device=z.device)
@@ -210,7 +211,8 @@ def relevance_rows(ctx: AttributionContext, cfg: GlimpseConfig):
         evidence = torch.zeros(len(tokens), len(layers), device=z.device)
         for i in range(len(layers)):
             g, grads[i] = grads[i].float(), None  # free each layer's raw gradients once fused
-            fused[:, i], head_w[tokens, i], evidence[:, i] = fuse_heads(attn[i], g, cfg)
+            attn = probs[i][0].detach().float()  # (H, N, N); fp32 copy only while in use
+            fused[:, i], head_w[tokens, i], evidence[:, i] = fuse_heads(attn, g, cfg)
         alpha[tokens] = layer_weights(evidence, prior, cfg)
         rows[tokens] = propagate_row(fused, alpha[tokens], ctx.predict_rows[tokens], cfg)
     return rows, alpha, head_w, layers, "+".join(sorted(modes))
