@@ -65,7 +65,7 @@ def rollout(a_hat: torch.Tensor) -> torch.Tensor:
 def rollout_rows(a_hat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows` of R = Â^L ··· Â^1, (T, N), by row-vector propagation from the top layer."""
     v = torch.zeros(len(rows), a_hat.shape[-1], dtype=a_hat.dtype, device=a_hat.device)
-    v[torch.arange(len(rows)), rows] = 1.0  # e_{t-1}^T
+    v[torch.arange(len(rows), device=v.device), rows.to(v.device)] = 1.0  # e_{t-1}^T
     for layer in reversed(range(a_hat.shape[0])):
         v = v @ a_hat[layer]
     return v

@@ -63,7 +63,7 @@ def propagate_rows(a_bar: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     a_bar: (L, T, N, N) per-token fused layers -> (T, N)."""
     num_tokens, n = a_bar.shape[1], a_bar.shape[-1]
     v = torch.zeros(num_tokens, 1, n, dtype=a_bar.dtype, device=a_bar.device)
-    v[torch.arange(num_tokens), 0, rows] = 1.0  # e_{t-1}^T
+    v[torch.arange(num_tokens, device=v.device), 0, rows.to(v.device)] = 1.0  # e_{t-1}^T
     for layer in reversed(range(a_bar.shape[0])):
         v = v + torch.bmm(v, a_bar[layer])
     return v[:, 0]
