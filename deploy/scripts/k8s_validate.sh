@@ -35,16 +35,26 @@ trap 'rm -rf "$RULES_DIR"' EXIT
 "$PY" deploy/scripts/k8s_validate.py --kubectl "$KUBECTL" --rules-out "$RULES_DIR" "$@"
 
 # ---- promtool -----------------------------------------------------------------------------
-if ! command -v promtool >/dev/null 2>&1 && [ "${K8S_VALIDATE_NO_INSTALL:-0}" != "1" ] \
-   && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-  echo "k8s-validate: promtool missing, installing Debian package 'prometheus' (no recommends)"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      --no-install-recommends prometheus; } >/tmp/k8s-validate-apt.log 2>&1 \
-    || echo "k8s-validate: apt-get install prometheus failed (see /tmp/k8s-validate-apt.log)"
+why=""
+if ! command -v promtool >/dev/null 2>&1; then
+  if [ "${K8S_VALIDATE_NO_INSTALL:-0}" = "1" ]; then
+    why="promtool not on PATH and K8S_VALIDATE_NO_INSTALL=1"
+  elif ! command -v apt-get >/dev/null 2>&1; then
+    why="promtool not on PATH and no apt-get to install Debian's 'prometheus' package"
+  elif [ "$(id -u)" != "0" ]; then
+    why="promtool not on PATH and not root (apt-get install prometheus needs root)"
+  else
+    echo "k8s-validate: promtool missing, installing Debian package 'prometheus' (no recommends)"
+    log="$(mktemp)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+             --no-install-recommends prometheus; } >"$log" 2>&1; then
+      why="apt-get install prometheus failed: $(tail -n 2 "$log" | tr '\n' ' ')"
+    fi
+    rm -f "$log"
+  fi
 fi
 if ! command -v promtool >/dev/null 2>&1; then
-  echo "k8s-validate: SKIP promtool checks: promtool not found and could not be installed" \
-       "(needs root + apt-get, or install the 'prometheus' package / a prometheus release)"
+  echo "k8s-validate: SKIP promtool checks: ${why:-promtool not found after installation}"
   exit 0
 fi
 echo "k8s-validate: $(promtool --version 2>&1 | head -1)"
