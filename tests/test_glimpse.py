@@ -184,3 +184,19 @@ def test_relevance_flow_moves_function_words_onto_content_words(ctx, default_out
 def test_invalid_settings_raise(bad):
     with pytest.raises(ValueError):
         get_method("glimpse").make_config(bad)
+
+
+def test_loop_fallback_gives_the_same_result(ctx, default_output, monkeypatch):
+    real_grad = torch.autograd.grad
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("simulated: no batching rule")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    out = attribute(ctx, GlimpseConfig())
+    assert out.extras["gradient_mode"] == "loop"
+    assert _relative(out.visual_map, default_output.visual_map) <= TOLERANCE
+    for key in default_output.token_weights:
+        assert _relative(out.token_weights[key], default_output.token_weights[key]) <= TOLERANCE
