@@ -292,3 +292,30 @@ def test_paligemma_prefix_layout_and_token_types(explainer, image):
     diff = (_logits(explainer.model, as_prefix)[0, rows]
             - _logits(explainer.model, ctx.inputs)[0, rows]).abs().max()
     assert diff > 1e-4
+
+
+@pytest.mark.parametrize("explainer", ["Qwen2_5_VLForConditionalGeneration"], indirect=True)
+def test_qwen_patch_layout_round_trip(explainer, image):
+    """pixel_values (flattened patches) <-> (B, C, H, W) processed images: exact both ways, frame
+    0 is the normalized image itself, and a batch of converted images runs as a batch."""
+    adapter = explainer.adapter
+    prompt = explainer.prepare(image, QUESTION)
+    pv, grid = prompt.model_inputs["pixel_values"], prompt.model_inputs["image_grid_thw"]
+    images = adapter.patches_to_images(pv, grid)
+    assert images.shape == (1, 3, 42, 56)
+    proc = explainer.processor.image_processor
+    pixels = torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1) / 255
+    mean = torch.tensor(proc.image_mean)[:, None, None]
+    std = torch.tensor(proc.image_std)[:, None, None]
+    assert (images[0] - (pixels - mean) / std).abs().max() <= 1e-6  # 56x42 is not resized
+    again, grid_again = adapter.images_to_patches(images)
+    assert torch.equal(again, pv) and torch.equal(grid_again, grid)
+    assert prompt.extras["image"].size == image.size
+    batch_pv, batch_grid = adapter.images_to_patches(torch.cat([images, torch.zeros_like(images)]))
+    inputs = {k: v.expand(2, *v.shape[1:]) for k, v in prompt.model_inputs.items()
+              if k not in ("pixel_values", "image_grid_thw")}
+    batched = _logits(explainer.model, {**inputs, "pixel_values": batch_pv,
+                                        "image_grid_thw": batch_grid})
+    single = _logits(explainer.model, prompt.model_inputs)
+    assert (batched[0] - single[0]).abs().max() <= EXACT
+    assert (batched[1] - single[0]).abs().max() > 1e-4

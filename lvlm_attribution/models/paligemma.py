@@ -68,7 +68,7 @@ class PaliGemmaAdapter(ModelAdapter):
             image_size=image.size,
             # SigLIP's processor resizes the whole image to a square: the grid covers all of it.
             grid_box=(0.0, 0.0, float(image.size[0]), float(image.size[1])),
-            extras={"prefix_length": int(input_ids.shape[0])},
+            extras={"prefix_length": int(input_ids.shape[0]), "image": image},
         )
 
     def teacher_forced_inputs(self, prompt: PreparedPrompt,

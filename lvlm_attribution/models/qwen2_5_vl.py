@@ -76,12 +76,49 @@ class Qwen2_5_VLAdapter(ModelAdapter):  # noqa: N801  (the transformers class sp
                 input_ids[0, question_positions].tolist()),
             image_size=image.size,
             grid_box=(0.0, 0.0, float(image.size[0]), float(image.size[1])),
-            extras={"image_grid_thw": (t, h, w), "resized_size": resized},
+            extras={"image_grid_thw": (t, h, w), "resized_size": resized,
+                    "image": image},  # pixel_values are patches: perturbations need the image
         )
 
     @property
     def patch_size(self) -> int:
         return int(self.model.config.vision_config.patch_size)
+
+    @property
+    def temporal_patch_size(self) -> int:
+        return int(self.model.config.vision_config.temporal_patch_size)
+
+    # ---- pixel layout: flattened patches <-> images ------------------------------------------
+    # The processor emits pixel_values as (t*h*w, C*T*P*P): patches grouped by 2x2 merge blocks,
+    # each patch repeated over the temporal patch (T = 2) for a still image. Both maps below are
+    # exact, differentiable re-arrangements, so image-space perturbations (masks, composites,
+    # blurs in processed space) can be done on (B, C, H, W) tensors and converted back.
+    def patches_to_images(self, pixel_values: torch.Tensor,
+                          image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """(B*t*h*w, C*T*P*P) -> (B, C, h*P, w*P): frame 0 of each still image, processed
+        (rescaled, normalized) pixel space."""
+        t, h, w = (int(v) for v in image_grid_thw[0])
+        if t != 1 or not torch.all(image_grid_thw == image_grid_thw[0]):
+            raise ValueError("only batches of same-size still images are supported")
+        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
+        batch = pixel_values.shape[0] // (h * w)
+        x = pixel_values.reshape(batch, h // m, w // m, m, m, -1, tp, p, p)[:, :, :, :, :, :, 0]
+        # (B, gh/m, gw/m, mh, mw, C, ph, pw) -> (B, C, gh/m, mh, ph, gw/m, mw, pw)
+        x = x.permute(0, 5, 1, 3, 6, 2, 4, 7)
+        return x.reshape(batch, x.shape[1], h * p, w * p)
+
+    def images_to_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) processed pixels -> (pixel_values (B*h*w, C*T*P*P), image_grid_thw
+        (B, 3)): the inverse of `patches_to_images`, as the image processor lays them out."""
+        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
+        batch, channels, height, width = images.shape
+        h, w = height // p, width // p
+        x = images.reshape(batch, channels, h // m, m, p, w // m, m, p)
+        x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, gh/m, gw/m, mh, mw, C, ph, pw)
+        x = x[:, :, :, :, :, :, None].expand(*x.shape[:6], tp, p, p)
+        pixel_values = x.reshape(batch * h * w, channels * tp * p * p)
+        grid = torch.tensor([[1, h, w]] * batch, dtype=torch.long, device=images.device)
+        return pixel_values, grid
 
     def _check_visual_block(self, ids: torch.Tensor, visual: torch.Tensor,
                             grid: tuple[int, int]) -> None:
