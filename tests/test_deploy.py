@@ -395,6 +395,7 @@ def test_rendered_overlay_policy(overlay):
         autoscalers = [d for d in docs if d["kind"] in ("ScaledObject",
                                                         "HorizontalPodAutoscaler")]
         assert len(autoscalers) == 1
+        assert "replicas" not in _deployment(docs)["spec"]  # owned by the autoscaler
         a = autoscalers[0]["spec"]
         behavior = (a.get("behavior") or
                     a["advanced"]["horizontalPodAutoscalerConfig"]["behavior"])
