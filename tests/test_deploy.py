@@ -683,3 +683,26 @@ def test_drain_waits_while_busy():
     finally:
         server.shutdown()
     assert drain.worker_free("http://127.0.0.1:9", "lvlm", 1) is None
+
+
+def _jar_strings(class_path: str) -> set[str]:
+    """Identifier-like constants of a class in TorchServe's frontend jar (the keys it reads)."""
+    ts = pytest.importorskip("ts")
+    jar = Path(ts.__file__).parent / "frontend" / "model-server.jar"
+    if not jar.exists():
+        pytest.skip("TorchServe frontend jar not found")
+    with zipfile.ZipFile(jar) as z:
+        data = z.read(class_path)
+    return {m.decode() for m in re.findall(rb"[A-Za-z_][A-Za-z0-9_]{2,}", data)}
+
+
+def test_config_keys_are_known_to_torchserve():
+    known = _jar_strings("org/pytorch/serve/util/ConfigManager.class")
+    for path in (DEPLOY / "config.properties", K8S / "base" / "config.properties"):
+        unknown = set(read_properties(path)) - known
+        assert not unknown, f"{path.name}: keys TorchServe 0.12 does not read: {sorted(unknown)}"
+    model_known = _jar_strings("org/pytorch/serve/archive/model/ModelConfig.class")
+    for name in ("model-config.yaml", "model-config.gpu.yaml"):
+        keys = set(yaml.safe_load((DEPLOY / name).read_text())) - {"handler"}
+        unknown = keys - model_known
+        assert not unknown, f"{name}: keys TorchServe 0.12 does not read: {sorted(unknown)}"
