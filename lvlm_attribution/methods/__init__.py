@@ -1,13 +1,15 @@
 """Attribution methods, one file each. Importing this package registers them all."""
 
-from . import attngrad  # noqa: F401
-from . import dexar  # noqa: F401  (registers)
-from . import glimpse  # noqa: F401
-from . import gradcam  # noqa: F401
-from . import igos  # noqa: F401
-from . import raw_attention  # noqa: F401
-from . import rollout  # noqa: F401
-from . import tmme  # noqa: F401
+from . import (  # noqa: F401  (each import registers its method)
+    attngrad,
+    dexar,
+    glimpse,
+    gradcam,
+    igos,
+    raw_attention,
+    rollout,
+    tmme,
+)
 from .registry import MethodSpec, get_method, list_methods, register_method, settings_dict
 
 __all__ = ["MethodSpec", "get_method", "list_methods", "register_method", "settings_dict"]
