@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from . import methods as _methods  # noqa: F401  (registers every method)
 from .context import AttributionContext
+from .llr import token_llr
 from .methods.registry import get_method, list_methods, settings_dict
 from .models import PreparedPrompt, adapter_for
 from .schema import ExplainOptions, Explanation, MethodOutput, TokenInfo
@@ -115,6 +116,10 @@ class Explainer:
         ctx = AttributionContext(self.model, self.adapter, prompt, ids)
         with _timed(timings, "forward"):
             probabilities = ctx.token_probabilities.cpu().tolist()
+        with _timed(timings, "llr"):
+            # The cheapest hallucination signal: one extra forward (batched with the blurred
+            # image), shared with iGOS++ through the context cache.
+            llrs = token_llr(ctx).cpu().tolist()
         outputs: dict[str, MethodOutput] = {}
         for name, cfg in configs.items():
             with _timed(timings, name):
@@ -123,7 +128,7 @@ class Explainer:
                 outputs[name].per_token_maps = None
         return Explanation(
             answer=self.decode(ids), answer_token_ids=ids,
-            tokens=self._tokens(ids, probabilities, outputs),
+            tokens=self._tokens(ids, probabilities, llrs, outputs),
             methods=outputs, question_tokens=prompt.question_tokens, grid=prompt.grid,
             image_size=prompt.image_size, audit_mode=audit, model_name=self.model_name,
             model_version=self.model_version, timings=timings,
@@ -159,14 +164,15 @@ class Explainer:
             raise InvalidInput("question", "the model produced an empty answer to explain")
         return ids
 
-    def _tokens(self, ids, probabilities, outputs) -> list[TokenInfo]:
+    def _tokens(self, ids, probabilities, llrs, outputs) -> list[TokenInfo]:
         texts = self.tokenizer.convert_ids_to_tokens(ids)
         tokens = []
-        for t, (token_id, text, p) in enumerate(zip(ids, texts, probabilities, strict=True)):
-            weights = {f"{name}.{key}": float(values[t])
-                       for name, out in outputs.items() for key, values in out.token_weights.items()}
+        rows = zip(ids, texts, probabilities, llrs, strict=True)
+        for t, (token_id, text, p, llr) in enumerate(rows):
+            weights = {f"{name}.{key}": float(values[t]) for name, out in outputs.items()
+                       for key, values in out.token_weights.items()}
             tokens.append(TokenInfo(index=t, token_id=token_id, text=text, probability=float(p),
-                                    weights=weights))
+                                    llr=float(llr), weights=weights))
         return tokens
 
 
