@@ -10,8 +10,8 @@ All decoding, validation, method dispatch and encoding live in `lvlm_attribution
 - streaming: every reply but the last goes out with send_intermediate_predict_response (gRPC
   StreamPredictions messages / REST HTTP chunks); the last is the return value;
 - errors: ServiceError -> PredictionException(message, status): 400 -> HTTP 400 / gRPC
-  INVALID_ARGUMENT, 413 (out of memory) -> RESOURCE_EXHAUSTED, 500 -> INTERNAL. The worker keeps
-  serving either way;
+  INVALID_ARGUMENT, 413 (out of memory) -> HTTP 507 / RESOURCE_EXHAUSTED, 500 -> INTERNAL. The
+  worker keeps serving either way;
 - metrics: the core's observations -> TorchServe's metrics API (declared in deploy/metrics.yaml).
 """
 
@@ -59,19 +59,17 @@ class LVLMHandler:
                    if isinstance(v, str)}
         call = self.service.call(item, "rest" if headers else "grpc",
                                  headers.get("content-type", ""))
-        pending = None
         try:
             for reply in call.replies():
-                if pending is not None:
-                    send_intermediate_predict_response([pending.body], context.request_ids,
+                if not reply.final:  # sent now: the caller sees the answer before attributions
+                    send_intermediate_predict_response([reply.body], context.request_ids,
                                                        "Intermediate response", 200, context)
-                pending = reply
         except ServiceError as err:
             raise PredictionException(err.message, err.status) from err
         finally:
             self._emit(call.observations, context)
-        context.set_response_content_type(idx, pending.content_type)
-        return pending.body
+        context.set_response_content_type(idx, reply.content_type)
+        return reply.body
 
     def _emit(self, observations, context) -> None:
         """Never lets a metric problem fail a request."""

@@ -15,6 +15,7 @@ stubs) and raise `ServiceCallError` with the HTTP status or gRPC code and the se
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -30,6 +31,7 @@ from . import heatmaps
 from .api.v1 import explain_pb2 as pb
 
 DEFAULT_MODEL = "lvlm"
+STREAM_INTERRUPTED = "STREAM_INTERRUPTED"  # ServiceCallError.status when a REST stream is cut
 GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # well above gRPC's 4 MiB default receive limit
 ENCODINGS = {"png_u8": pb.HEATMAP_ENCODING_PNG_U8, "f16_zlib": pb.HEATMAP_ENCODING_F16_ZLIB}
 ENCODING_NAMES = {pb.HEATMAP_ENCODING_UNSPECIFIED: "png_u8", pb.HEATMAP_ENCODING_PNG_U8: "png_u8",
@@ -38,8 +40,9 @@ ENCODING_NAMES = {pb.HEATMAP_ENCODING_UNSPECIFIED: "png_u8", pb.HEATMAP_ENCODING
 
 @dataclass
 class ServiceCallError(Exception):
-    """The service refused or failed a request. `status` is the HTTP status (REST) or the gRPC
-    status code name (e.g. "INVALID_ARGUMENT"); `message` names the field and the limit."""
+    """The service refused or failed a request. `status` is the HTTP status (REST), the gRPC
+    status code name (e.g. "INVALID_ARGUMENT"), or STREAM_INTERRUPTED when a REST stream broke
+    after its first part; `message` names the field and the limit."""
 
     status: int | str
     message: str
@@ -100,10 +103,20 @@ class RestClient:
         stream = pb.ExplainRequest()
         stream.CopyFrom(request)
         stream.stream = True
+        complete = False
         with self._post(stream) as resp:
-            for line in resp:
-                if line.strip():
-                    yield _parse_json(line)
+            try:
+                for line in resp:
+                    if line.strip():
+                        part = _parse_json(line)
+                        complete = part.part == pb.ExplainResponse.PART_COMPLETE
+                        yield part
+            except (OSError, http.client.HTTPException) as err:
+                # HTTP 200 and the answer are already out: a later failure can only cut the stream.
+                raise ServiceCallError(STREAM_INTERRUPTED, f"the stream ended early ({err}); "
+                                       "the server log has the cause") from None
+        if not complete:
+            raise ServiceCallError(STREAM_INTERRUPTED, "the stream ended before PART_COMPLETE")
 
     def close(self) -> None:
         pass

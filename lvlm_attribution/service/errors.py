@@ -26,7 +26,9 @@ class InvalidRequest(ServiceError):
 
 class OutOfMemory(ServiceError):
     """The device or host ran out of memory for this request; the worker stays up.
-    413 is the status TorchServe maps to gRPC RESOURCE_EXHAUSTED (429 would invite retries)."""
+    TorchServe 0.12 answers a handler's 413 with gRPC RESOURCE_EXHAUSTED and, over REST, with
+    507 Insufficient Storage (RestJob.sendError rewrites 413 to 507: its own out-of-resources
+    code). 429 would invite blind retries."""
 
     status = 413
     outcome = "out_of_memory"

@@ -21,6 +21,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 MODEL_NAME = "lvlm"
+OOM_PROBE = "lvlm_oom_probe"
 READY_TIMEOUT_S = 240
 
 
@@ -71,6 +72,7 @@ def write_configs(root: Path, ports: list[int]) -> tuple[Path, Path]:
         "initial_worker_port": str(worker),  # the worker's unix socket name: avoid clashes
         "model_store": str(root / "model_store"),
         "metrics_config": str(REPO / "deploy" / "metrics.yaml"),
+        "load_models": f"{MODEL_NAME}.mar,{OOM_PROBE}.mar",
     }
     lines = []
     for line in (REPO / "deploy" / "config.properties").read_text().splitlines():
@@ -84,16 +86,20 @@ def write_configs(root: Path, ports: list[int]) -> tuple[Path, Path]:
     return model_config, properties
 
 
+def ready(management: str, model: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{management}/models/{model}", timeout=5) as r:
+            workers = json.loads(r.read())[0].get("workers", [])
+    except OSError:
+        return False
+    return any(w.get("status") == "READY" for w in workers)
+
+
 def wait_ready(management: str, proc_log: Path) -> None:
     deadline = time.time() + READY_TIMEOUT_S
     while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{management}/models/{MODEL_NAME}", timeout=5) as r:
-                workers = json.loads(r.read())[0].get("workers", [])
-            if any(w.get("status") == "READY" for w in workers):
-                return
-        except OSError:
-            pass
+        if ready(management, MODEL_NAME) and ready(management, OOM_PROBE):
+            return
         time.sleep(1)
     raise RuntimeError(f"TorchServe model not READY after {READY_TIMEOUT_S} s; "
                        f"see {proc_log}")
@@ -110,8 +116,16 @@ def torchserve(tmp_path_factory) -> Server:
     model_config, properties = write_configs(root, ports)
     env = {**os.environ, "TMPDIR": str(root / "tmp"), "LOG_LOCATION": str(root / "logs"),
            "METRICS_LOCATION": str(root / "logs"), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    subprocess.run(["bash", str(REPO / "deploy/scripts/build_mar.sh"), "--config",
-                    str(model_config), "--out", str(root / "model_store")],
+    build = ["bash", str(REPO / "deploy/scripts/build_mar.sh"), "--config", str(model_config),
+             "--out", str(root / "model_store")]
+    subprocess.run(build, check=True, env=env, cwd=REPO, capture_output=True)
+    # A second model, OOM_PROBE: the production handler with an engine that runs out of memory
+    # on request (tests/integration/oom_probe_handler.py).
+    probe = root / "oom_probe"
+    probe.mkdir()
+    shutil.copy(REPO / "handlers" / "lvlm_handler.py", probe)
+    shutil.copy(Path(__file__).parent / "oom_probe_handler.py", probe)
+    subprocess.run([*build, "--handler", str(probe / "oom_probe_handler.py"), "--name", OOM_PROBE],
                    check=True, env=env, cwd=REPO, capture_output=True)
     out = (root / "torchserve.out").open("w")
     subprocess.run([str(VENV_BIN / "torchserve"), "--start", "--ncs", "--ts-config",
