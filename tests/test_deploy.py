@@ -525,7 +525,7 @@ def handle(data, context):
 
 
 @contextlib.contextmanager
-def _torchserve(tmp_path: Path, handler_body: str):
+def _torchserve(tmp_path: Path, handler_body: str, config: Path = DEPLOY / "config.properties"):
     """Start a real TorchServe on free ports with our config.properties and metrics.yaml and a
     stub handler archived by build_mar.sh; yields {port name: port}. Stops what it started."""
     torchserve = ROOT / ".venv" / "bin" / "torchserve"
@@ -538,12 +538,15 @@ def _torchserve(tmp_path: Path, handler_body: str):
     subprocess.run(["bash", str(DEPLOY / "scripts" / "build_mar.sh"), "--handler", str(handler),
                     "--out", str(store)], check=True, capture_output=True, timeout=120)
     ports = {p: _free_port() for p in ("8080", "8081", "8082", "7070", "7071")}
-    text = (DEPLOY / "config.properties").read_text()
+    text = config.read_text()
     for old, new in ports.items():
         text = text.replace(f":{old}\n", f":{new}\n").replace(f"_port={old}\n", f"_port={new}\n")
     text = text.replace("model_store=model_store", f"model_store={store}")
     text = text.replace("metrics_config=deploy/metrics.yaml",
                         f"metrics_config={DEPLOY / 'metrics.yaml'}")
+    # the pod variant's paths
+    text = text.replace("/opt/lvlm/deploy/metrics.yaml", str(DEPLOY / "metrics.yaml"))
+    text = text.replace("/opt/lvlm/model_store", str(store))
     (tmp_path / "config.properties").write_text(text)
     # own TMPDIR: the launcher keeps its pid file there and refuses to start a second server
     (tmp_path / "tmp").mkdir()
@@ -561,7 +564,7 @@ def _torchserve(tmp_path: Path, handler_body: str):
             assert proc.poll() is None and time.time() < deadline, (
                 (tmp_path / "ts.log").read_text()[-3000:])
             time.sleep(1)
-        yield ports
+        yield ports | {"pgid": proc.pid}
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -583,9 +586,35 @@ def _post(port: int, timeout: float = 30) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
+def _listening(pgid: int) -> dict[int, set[str]]:
+    """{port: listen addresses} of the processes in TorchServe's process group."""
+    import psutil
+
+    listening: dict[int, set[str]] = {}
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) != pgid:
+                continue
+            conns = proc.net_connections(kind="tcp")
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN:
+                listening.setdefault(c.laddr.port, set()).add(c.laddr.ip)
+    return listening
+
+
 @pytest.mark.integration
-def test_real_torchserve_exports_the_alerted_metrics(tmp_path):
-    with _torchserve(tmp_path, EMITTER) as ports:
+def test_real_torchserve_with_pod_config_exports_the_alerted_metrics(tmp_path):
+    """k8s/base/config.properties on a real TorchServe: what listens where, and the names of
+    the series it exports for deploy/metrics.yaml are the ones the alerts use."""
+    with _torchserve(tmp_path, EMITTER, config=K8S / "base" / "config.properties") as ports:
+        listening = _listening(ports["pgid"])
+        loopback = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+        for name in ("8081", "7071"):  # management REST and gRPC: pod-local only
+            assert listening.get(ports[name]) and listening[ports[name]] <= loopback, name
+        for name in ("8080", "8082", "7070"):  # inference REST, metrics, gRPC inference
+            assert listening.get(ports[name], set()) & {"0.0.0.0", "::"}, (name, listening)
         assert _post(ports["8080"]) == (200, b"ok")
         scraped: dict[str, set[str]] = {}
         for _ in range(20):
@@ -706,3 +735,4 @@ def test_config_keys_are_known_to_torchserve():
         keys = set(yaml.safe_load((DEPLOY / name).read_text())) - {"handler"}
         unknown = keys - model_known
         assert not unknown, f"{name}: keys TorchServe 0.12 does not read: {sorted(unknown)}"
+
