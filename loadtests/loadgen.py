@@ -1,0 +1,574 @@
+"""Bounded asyncio load generator for the LVLM Attribution Service (REST and gRPC).
+
+One thread, one event loop: REST through a minimal HTTP/1.1 client on asyncio streams (so that a
+test can also send a body slowly, read a response slowly, and time the first chunk of a streamed
+response), gRPC through grpc.aio on TorchServe's InferenceAPIsService.
+
+Every request ends as exactly one `Result`: `kind == "ok"` or an error kind
+`<transport>_<status>:<class>` (e.g. `http_503:no_free_worker`, `grpc_INVALID_ARGUMENT:image`,
+`http_conn:ConnectionResetError`), so a run can prove that nothing was silently dropped:
+`sent == ok + errors` and every error has a kind.
+
+Traffic goes to loopback addresses only unless `allow_non_loopback` is set explicitly, and every
+loop is bounded by a request count and a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import ipaddress
+import json
+import random
+import re
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
+
+from lvlm_attribution.api.v1 import explain_pb2 as pb
+
+MODEL = "lvlm"
+GRPC_MAX_MESSAGE = 64 * 1024 * 1024
+DEFAULT_TIMEOUT_S = 130.0  # just above the shipped responseTimeout (120 s)
+
+# Message classes, first match wins. TorchServe's own messages first, then the handler's
+# "<field>: <what and the limit>" convention (docs/api.md, Errors).
+_CLASSES: list[tuple[str, re.Pattern]] = [
+    ("no_free_worker", re.compile(r"has no worker|no worker|job queue|queue is full", re.I)),
+    ("worker_died", re.compile(r"worker died", re.I)),
+    ("timeout", re.compile(r"timed? ?out|deadline", re.I)),
+    ("too_large", re.compile(r"too large|exceeds maximum|message size|larger than max|"
+                             r"request entity", re.I)),
+    ("out_of_memory", re.compile(r"out of memory", re.I)),
+]
+_FIELD = re.compile(r"^\s*([A-Za-z_][\w.]*):")
+
+
+def message_class(message: str) -> str:
+    for name, pattern in _CLASSES:
+        if pattern.search(message or ""):
+            return name
+    m = _FIELD.match(message or "")
+    if m:
+        return m.group(1)  # the handler names the field: image, question, body, request, ...
+    return "other"
+
+
+def error_kind(transport: str, status: int | str, message: str) -> str:
+    prefix = "http" if transport == "rest" else "grpc"
+    return f"{prefix}_{status}:{message_class(message)}"
+
+
+def is_rejection(kind: str) -> bool:
+    """A request refused because no worker was free (job ticket / full queue): retryable."""
+    return kind.startswith(("http_503:", "grpc_UNAVAILABLE:")) or kind.endswith(":no_free_worker")
+
+
+def check_loopback(host: str, allow_non_loopback: bool = False) -> None:
+    if allow_non_loopback:
+        return
+    try:
+        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"refusing to send load to {host!r}: loopback only (127.0.0.1, "
+                         "::1, localhost; kubectl port-forward for a cluster) unless "
+                         "--allow-non-loopback is given")
+
+
+# ------------------------------------------------------------------------------------------------
+# Payloads
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Spec:
+    """One request to send: the same ExplainRequest for REST (JSON) and gRPC (protobuf)."""
+
+    label: str  # "normal" or the malformation's name
+    rest_body: bytes | None = None
+    rest_content_type: str = "application/json"
+    grpc_input: dict[str, bytes] | None = None
+    expect: str = "ok"  # "ok" or an error-kind prefix such as "http_400" / "grpc_INVALID_ARGUMENT"
+    methods: int = 2  # heatmaps expected in a successful response
+    stream: bool = False
+
+
+def png_bytes(image) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def request_specs(n: int, methods: Sequence[str] = (), stream: bool = True, seed: int = 0,
+                  default_methods: int = 2) -> list[Spec]:
+    """n realistic requests about distinct scenes of the embedded model's world."""
+    from google.protobuf import json_format
+
+    from lvlm_attribution.world.scenes import generate
+
+    specs = []
+    for i in range(n):
+        sample = generate(seed + i)
+        req = pb.ExplainRequest(image=png_bytes(sample.image), question=sample.question,
+                                methods=list(methods), stream=stream,
+                                request_id=f"load-{seed + i}")
+        specs.append(Spec("normal", json.dumps(json_format.MessageToDict(req)).encode(),
+                          grpc_input={"request": req.SerializeToString()},
+                          methods=len(methods) or default_methods, stream=stream))
+    return specs
+
+
+def malformed_specs(max_request_size: int = 8388608, max_image_bytes: int = 4000000,
+                    include_large: bool = True) -> list[Spec]:
+    """Requests the service must reject with a 4xx / INVALID_ARGUMENT-class status."""
+    from lvlm_attribution.world.scenes import generate
+
+    sample = generate(12345, "color")
+    good = png_bytes(sample.image)
+
+    def rest(req: dict) -> bytes:
+        return json.dumps(req).encode()
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    def grpc(req: pb.ExplainRequest) -> dict[str, bytes]:
+        return {"request": req.SerializeToString()}
+
+    q = sample.question
+    specs = [
+        Spec("bad_json", b'{"image": "', expect="http_400"),
+        Spec("not_an_object", b"[1, 2, 3]", expect="http_400"),
+        Spec("unknown_field", rest({"image": b64(good), "question": q, "bogus": 1}),
+             expect="http_400"),
+        Spec("corrupt_image", rest({"image": b64(b"GIF89a-not-really"), "question": q}),
+             grpc_input=grpc(pb.ExplainRequest(image=b"GIF89a-not-really", question=q)),
+             expect="4xx"),
+        Spec("blank_question", rest({"image": b64(good), "question": "   "}),
+             grpc_input=grpc(pb.ExplainRequest(image=good, question="   ")), expect="4xx"),
+        Spec("unknown_method", rest({"image": b64(good), "question": q, "methods": ["nope"]}),
+             grpc_input=grpc(pb.ExplainRequest(image=good, question=q, methods=["nope"])),
+             expect="4xx"),
+        Spec("too_many_tokens", rest({"image": b64(good), "question": q,
+                                      "generation": {"maxNewTokens": 10_000}}),
+             grpc_input=grpc(pb.ExplainRequest(image=good, question=q,
+                                               generation=pb.GenerationOptions(
+                                                   max_new_tokens=10_000))),
+             expect="4xx"),
+        Spec("malformed_protobuf", None, grpc_input={"request": b"\xff\xff\xff\xff garbage"},
+             expect="grpc_INVALID_ARGUMENT"),
+        Spec("missing_request_key", None, grpc_input={"data": b"x"},
+             expect="grpc_INVALID_ARGUMENT"),
+        Spec("empty_body", b"", expect="http_400"),
+    ]
+    if include_large:
+        # A valid-looking image just over max_image_bytes (inside max_request_size as base64).
+        big = b"\x89PNG\r\n\x1a\n" + random.Random(1).randbytes(max_image_bytes - 7)
+        specs.append(Spec("image_over_limit", rest({"image": b64(big), "question": q}),
+                          grpc_input=grpc(pb.ExplainRequest(image=big, question=q)),
+                          expect="4xx"))
+        # Over max_request_size: refused by TorchServe's frontend before any worker sees it.
+        huge = random.Random(2).randbytes(max_request_size + 1024)
+        specs.append(Spec("request_over_limit", rest({"image": b64(huge), "question": q}),
+                          grpc_input=grpc(pb.ExplainRequest(image=huge, question=q)),
+                          expect="4xx"))
+    return specs
+
+
+def expectation_met(spec: Spec, transport: str, kind: str) -> bool:
+    if spec.expect == "ok":
+        return kind == "ok"
+    if spec.expect == "4xx":
+        if transport == "rest":
+            return bool(re.match(r"http_4\d\d:", kind))
+        return kind.startswith(("grpc_INVALID_ARGUMENT:", "grpc_RESOURCE_EXHAUSTED:",
+                                "grpc_FAILED_PRECONDITION:", "grpc_OUT_OF_RANGE:"))
+    return kind.startswith(spec.expect + ":")
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    transport: str
+    label: str
+    kind: str  # "ok" or an error kind
+    message: str = ""
+    start: float = 0.0  # seconds since the run's t0
+    latency: float = 0.0  # logical request: first attempt's start -> final outcome
+    first_part: float | None = None  # logical start -> first streamed message
+    service_latency: float = 0.0  # the last attempt alone
+    attempts: int = 1
+    rejected: list[str] = field(default_factory=list)  # kinds of the retried rejections
+    request_bytes: int = 0
+    response_bytes: int = 0
+    expected: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Attempt:
+    kind: str
+    message: str = ""
+    first_part: float | None = None  # seconds after the attempt's start
+    elapsed: float = 0.0
+    response_bytes: int = 0
+
+
+def check_response(parts: list[bytes], spec: Spec, transport: str) -> str:
+    """'' when the (final) response is a complete answer with the expected heatmaps."""
+    if not parts:
+        return "empty response"
+    last = parts[-1]
+    try:
+        if transport == "rest":
+            doc = json.loads(last)
+            answer, heatmaps, part = doc.get("answer"), doc.get("heatmaps", []), doc.get("part")
+            complete = part in (None, "PART_COMPLETE")
+        else:
+            msg = pb.ExplainResponse.FromString(last)
+            answer, heatmaps = msg.answer, list(msg.heatmaps)
+            complete = msg.part in (pb.ExplainResponse.PART_UNSPECIFIED,
+                                    pb.ExplainResponse.PART_COMPLETE)
+    except Exception as err:  # noqa: BLE001 - any parse failure is a bad response
+        return f"unparseable response ({type(err).__name__})"
+    if spec.stream and (len(parts) < 2 or not complete):
+        return f"stream incomplete ({len(parts)} parts, complete={complete})"
+    if not answer:
+        return "no answer"
+    if len(heatmaps) != spec.methods:
+        return f"{len(heatmaps)} heatmaps, expected {spec.methods}"
+    return ""
+
+
+# ------------------------------------------------------------------------------------------------
+# REST: a minimal HTTP/1.1 client on asyncio streams
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HttpOptions:
+    timeout: float = DEFAULT_TIMEOUT_S
+    send_chunk: int = 0  # >0: send the body in pieces of this size ...
+    send_pause: float = 0.0  # ... with this pause between pieces (a slow uploader)
+    read_pause: float = 0.0  # pause after the status line before reading the body
+    recv_buffer: int = 0  # >0: SO_RCVBUF, so a slow reader really pushes back
+
+
+async def _open(host: str, port: int, recv_buffer: int):
+    if not recv_buffer:
+        return await asyncio.open_connection(host, port)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    return await asyncio.open_connection(sock=sock, limit=max(recv_buffer, 2**16))
+
+
+async def http_post(url: str, body: bytes, content_type: str, opts: HttpOptions,
+                    on_part: Callable[[], None] | None = None) -> tuple[int, list[bytes], str]:
+    """POST; returns (status, body chunks, error message). Chunked bodies keep their chunks
+    (TorchServe sends each streamed message as one chunk); `on_part` fires on the first one."""
+    u = urlsplit(url)
+    reader, writer = await _open(u.hostname, u.port or 80, opts.recv_buffer)
+    try:
+        head = (f"POST {u.path or '/'} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n").encode()
+
+        async def send() -> None:
+            writer.write(head)
+            if opts.send_chunk > 0:
+                for i in range(0, len(body), opts.send_chunk):
+                    writer.write(body[i:i + opts.send_chunk])
+                    await writer.drain()
+                    await asyncio.sleep(opts.send_pause)
+            else:
+                writer.write(body)
+            await writer.drain()
+
+        sender = asyncio.create_task(send())
+        try:
+            status_line = await reader.readline()
+        except (ConnectionError, OSError):
+            status_line = b""
+        if not status_line:
+            # Nothing came back: report why the upload failed, if it did.
+            try:
+                await asyncio.wait_for(sender, 1.0)
+            except (ConnectionError, OSError) as err:
+                raise ConnectionError(f"{type(err).__name__} while sending") from err
+            except TimeoutError:
+                pass
+            raise ConnectionError("connection closed without a response")
+        if not sender.done():
+            sender.cancel()  # the server answered before reading the whole body (e.g. 413)
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+            await sender
+        status = int(status_line.split()[1])
+        headers: dict[str, str] = {}
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = line.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if opts.read_pause:
+            await asyncio.sleep(opts.read_pause)
+        chunks: list[bytes] = []
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            while True:
+                size_line = await reader.readline()
+                if not size_line:
+                    raise ConnectionError(f"chunked body cut after {len(chunks)} chunks")
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    await reader.readline()
+                    break
+                data = await reader.readexactly(size + 2)
+                if not chunks and on_part:
+                    on_part()
+                chunks.append(data[:-2])
+        elif "content-length" in headers:
+            chunks.append(await reader.readexactly(int(headers["content-length"])))
+            if on_part:
+                on_part()
+        else:
+            chunks.append(await reader.read())
+        return status, chunks, ""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.wait_closed()
+
+
+def _split_stream(chunks: list[bytes]) -> list[bytes]:
+    """A streamed REST body is one JSON document per line; chunks may merge or split lines."""
+    return [line for line in b"".join(chunks).split(b"\n") if line.strip()]
+
+
+async def rest_attempt(url: str, spec: Spec, opts: HttpOptions) -> Attempt:
+    t0 = time.perf_counter()
+    first: list[float] = []
+
+    def mark() -> None:
+        first.append(time.perf_counter() - t0)
+
+    try:
+        status, chunks, _ = await asyncio.wait_for(
+            http_post(url, spec.rest_body or b"", spec.rest_content_type, opts, mark),
+            opts.timeout)
+    except TimeoutError:
+        return Attempt("http_timeout:client_timeout", f"no complete response in {opts.timeout} s",
+                       first[0] if first else None, time.perf_counter() - t0)
+    except (ConnectionError, OSError, asyncio.IncompleteReadError, ValueError, IndexError) as err:
+        return Attempt(f"http_conn:{type(err).__name__}", str(err)[:300],
+                       first[0] if first else None, time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    size = sum(len(c) for c in chunks)
+    if status != 200:
+        raw = b"".join(chunks)
+        try:
+            message = str(json.loads(raw).get("message", ""))
+        except (ValueError, AttributeError):
+            message = raw.decode(errors="replace")
+        return Attempt(error_kind("rest", status, message), message[:300], None, elapsed, size)
+    parts = _split_stream(chunks) if spec.stream else [b"".join(chunks)]
+    problem = check_response(parts, spec, "rest")
+    if problem:
+        return Attempt("http_200:bad_response", problem, first[0] if first else None, elapsed,
+                       size)
+    return Attempt("ok", "", first[0] if first else elapsed, elapsed, size)
+
+
+# ------------------------------------------------------------------------------------------------
+# gRPC
+# ------------------------------------------------------------------------------------------------
+
+
+class GrpcTarget:
+    """An aio channel + stub; create inside the running event loop."""
+
+    def __init__(self, target: str) -> None:
+        import grpc
+
+        from lvlm_attribution.api.torchserve import inference_pb2, inference_pb2_grpc
+
+        self.grpc = grpc
+        self.pb = inference_pb2
+        self.channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+            ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)])
+        self.stub = inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def grpc_kind(code_name: str, details: str) -> tuple[str, str]:
+    details = (details or "").split("\norg.pytorch.serve")[0]
+    return f"grpc_{code_name}:{message_class(details)}", details[:300]
+
+
+async def grpc_attempt(target: GrpcTarget, spec: Spec, timeout: float,
+                       read_pause: float = 0.0) -> Attempt:
+    t0 = time.perf_counter()
+    first: float | None = None
+    parts: list[bytes] = []
+    req = target.pb.PredictionsRequest(model_name=MODEL, input=spec.grpc_input or {})
+    try:
+        if spec.stream:
+            call = target.stub.StreamPredictions(req, timeout=timeout)
+            async for reply in call:
+                if first is None:
+                    first = time.perf_counter() - t0
+                    if read_pause:
+                        await asyncio.sleep(read_pause)
+                parts.append(reply.prediction)
+        else:
+            reply = await target.stub.Predictions(req, timeout=timeout)
+            parts.append(reply.prediction)
+    except target.grpc.aio.AioRpcError as err:
+        kind, message = grpc_kind(err.code().name, err.details())
+        return Attempt(kind, message, first, time.perf_counter() - t0,
+                       sum(len(p) for p in parts))
+    elapsed = time.perf_counter() - t0
+    size = sum(len(p) for p in parts)
+    problem = check_response(parts, spec, "grpc")
+    if problem:
+        return Attempt("grpc_OK:bad_response", problem, first, elapsed, size)
+    return Attempt("ok", "", first if first is not None else elapsed, elapsed, size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Requests with retries on rejection, and closed-loop virtual users
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetryPolicy:
+    """Clients retry "no free worker" rejections (HTTP 503 / gRPC UNAVAILABLE-class) with
+    jittered exponential backoff, as docs/operations.md asks of them; 1 attempt = no retry."""
+
+    max_attempts: int = 1
+    base_s: float = 0.05
+    cap_s: float = 1.0
+
+    def pause(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0.5, 1.0) * min(self.cap_s, self.base_s * 2 ** (attempt - 1))
+
+
+@dataclass
+class Client:
+    transport: str  # "rest" | "grpc"
+    rest_url: str = ""  # http://127.0.0.1:8080/predictions/lvlm
+    grpc: GrpcTarget | None = None
+    http: HttpOptions = field(default_factory=HttpOptions)
+    grpc_timeout: float = DEFAULT_TIMEOUT_S
+    grpc_read_pause: float = 0.0
+
+    def supports(self, spec: Spec) -> bool:
+        return (spec.rest_body is not None) if self.transport == "rest" \
+            else spec.grpc_input is not None
+
+    def request_bytes(self, spec: Spec) -> int:
+        if self.transport == "rest":
+            return len(spec.rest_body or b"")
+        return sum(len(k) + len(v) for k, v in (spec.grpc_input or {}).items())
+
+    async def attempt(self, spec: Spec) -> Attempt:
+        if self.transport == "rest":
+            return await rest_attempt(self.rest_url, spec, self.http)
+        return await grpc_attempt(self.grpc, spec, self.grpc_timeout, self.grpc_read_pause)
+
+
+async def send(client: Client, spec: Spec, t0: float, retry: RetryPolicy | None = None,
+               give_up_at: float | None = None, rng: random.Random | None = None) -> Result:
+    """One logical request: attempts until accepted, a non-rejection outcome, max_attempts, or
+    `give_up_at` (perf_counter); always returns exactly one Result."""
+    retry = retry or RetryPolicy()
+    rng = rng or random.Random()
+    start = time.perf_counter()
+    rejected: list[str] = []
+    attempt_start = start
+    n = 0
+    while True:
+        n += 1
+        attempt_start = time.perf_counter()
+        a = await client.attempt(spec)
+        if not (is_rejection(a.kind) and n < retry.max_attempts):
+            break
+        pause = retry.pause(n, rng)
+        if give_up_at is not None and time.perf_counter() + pause > give_up_at:
+            break
+        rejected.append(a.kind)
+        await asyncio.sleep(pause)
+    end = time.perf_counter()
+    first = None if a.first_part is None else (attempt_start - start) + a.first_part
+    return Result(client.transport, spec.label, a.kind, a.message, start - t0, end - start, first,
+                  a.elapsed, n, rejected, client.request_bytes(spec), a.response_bytes,
+                  expectation_met(spec, client.transport, a.kind))
+
+
+@dataclass
+class StepConfig:
+    concurrency: int
+    duration_s: float  # no new request starts after this
+    max_requests: int  # nor after this many
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+async def closed_loop(make_client: Callable[[], Client], specs: Sequence[Spec], step: StepConfig,
+                      t0: float | None = None, seed: int = 0,
+                      pick: Callable[[int, random.Random], Spec] | None = None) -> list[Result]:
+    """`concurrency` virtual users, each sending its next request when the previous one ended.
+    Bounded by duration (no new logical request, no retry after it) and by max_requests; the
+    requests in flight at the deadline complete (each bounded by its own timeout)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    deadline = time.perf_counter() + step.duration_s
+    budget = {"left": step.max_requests, "i": 0}
+    results: list[Result] = []
+
+    async def user(uid: int) -> None:
+        rng = random.Random(seed * 1000 + uid)
+        client = make_client()
+        try:
+            while time.perf_counter() < deadline and budget["left"] > 0:
+                budget["left"] -= 1
+                i = budget["i"]
+                budget["i"] += 1
+                spec = pick(i, rng) if pick else specs[i % len(specs)]
+                results.append(await send(client, spec, t0, step.retry, deadline, rng))
+        finally:
+            if client.grpc is not None:
+                await client.grpc.close()
+
+    await asyncio.gather(*(user(u) for u in range(step.concurrency)))
+    return results
+
+
+def make_client_factory(transport: str, rest: str = "", grpc_target: str = "",
+                        http: HttpOptions | None = None,
+                        grpc_timeout: float = DEFAULT_TIMEOUT_S) -> Callable[[], Client]:
+    """Factory for `closed_loop` (call it inside the event loop)."""
+
+    def make() -> Client:
+        if transport == "rest":
+            return Client("rest", rest_url=f"{rest.rstrip('/')}/predictions/{MODEL}",
+                          http=http or HttpOptions())
+        return Client("grpc", grpc=GrpcTarget(grpc_target), grpc_timeout=grpc_timeout)
+
+    return make
