@@ -134,6 +134,14 @@ class Explainer:
             model_version=self.model_version, timings=timings,
         )
 
+    def explain_batch(self, items, options: ExplainOptions | None = None) -> list[Explanation]:
+        """`explain` for several requests with generation, the forward and DEX-AR batched
+        across them (monitoring throughput); each result equals `explain` alone. See
+        `lvlm_attribution.batching`."""
+        from .batching import explain_batch
+
+        return explain_batch(self, items, options)
+
     def _configs(self, options: ExplainOptions) -> dict:
         configs = {}
         for name in options.methods:
