@@ -157,8 +157,22 @@ def add_call(sub) -> None:
     p.set_defaults(func=_call)
 
 
+# ---- audit, audit-sample (bulk explanations of flagged answers; lvlm_attribution/audit) ----------
+def add_audit(sub) -> None:
+    from .audit.cli import add_audit as add
+
+    add(sub)
+
+
+def add_audit_sample(sub) -> None:
+    from .audit.cli import add_audit_sample as add
+
+    add(sub)
+
+
 # Each subcommand registers itself here; add new ones as add_<name> functions above.
-SUBCOMMANDS = [add_train, add_model_eval, add_explain, add_scene, add_call]
+SUBCOMMANDS = [add_train, add_model_eval, add_explain, add_scene, add_call, add_audit,
+               add_audit_sample]
 
 
 def build_parser() -> argparse.ArgumentParser:
