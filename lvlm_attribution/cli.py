@@ -19,7 +19,8 @@ def _train(args: argparse.Namespace) -> int:
     from .world.training import TrainConfig, train
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      eval_every=args.eval_every)
+                      eval_every=args.eval_every, warmup=args.warmup, init_from=args.init_from,
+                      data_offset=args.data_offset)
     summary = train(cfg, Path(args.out), log=_log)
     print(json.dumps(summary["history"][-1], indent=2))
     return 0
@@ -33,6 +34,9 @@ def add_train(sub) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--init-from", default=None, help="start from these weights (stage 2)")
+    p.add_argument("--data-offset", type=int, default=0, help="first training scene seed")
     p.set_defaults(func=_train)
 
 

@@ -33,6 +33,8 @@ class TrainConfig:
     eval_every: int = 250
     eval_samples: int = 500
     attn_implementation: str = "sdpa"
+    init_from: str | None = None  # continue from these weights (a second, shorter stage)
+    data_offset: int = 0  # first training seed = data_offset; later stages see fresh scenes
 
 
 def pixel_values(images: list[np.ndarray]) -> torch.Tensor:
@@ -107,6 +109,11 @@ def validation_set(n: int) -> list:
 def train(cfg: TrainConfig, out: Path, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     model, processor = build_model(cfg.seed)
+    if cfg.init_from:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from,
+                                                              local_files_only=True)
     model.set_attn_implementation(cfg.attn_implementation)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).train()
@@ -120,7 +127,8 @@ def train(cfg: TrainConfig, out: Path, log=print) -> dict:
     history, started = [], time.time()
     bar = tqdm(range(cfg.steps), desc="train", mininterval=5)
     for step in bar:
-        samples = [generate(step * cfg.batch_size + i) for i in range(cfg.batch_size)]
+        first = cfg.data_offset + step * cfg.batch_size
+        samples = [generate(first + i) for i in range(cfg.batch_size)]
         batch = {k: v.to(device) for k, v in batcher.encode(samples).items()}
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
