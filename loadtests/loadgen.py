@@ -44,6 +44,8 @@ _CLASSES: list[tuple[str, re.Pattern]] = [
     ("too_large", re.compile(r"too large|exceeds maximum|message size|larger than max|"
                              r"request entity", re.I)),
     ("out_of_memory", re.compile(r"out of memory", re.I)),
+    # grpc-java resets the stream of a message over max_request_size (seen as CANCELLED).
+    ("stream_reset", re.compile(r"RST_STREAM", re.I)),
 ]
 _FIELD = re.compile(r"^\s*([A-Za-z_][\w.]*):")
 
@@ -58,9 +60,14 @@ def message_class(message: str) -> str:
     return "other"
 
 
+_EMPTY_MESSAGE_CLASS = {413: "too_large", 408: "timeout", 504: "timeout"}
+
+
 def error_kind(transport: str, status: int | str, message: str) -> str:
     prefix = "http" if transport == "rest" else "grpc"
-    return f"{prefix}_{status}:{message_class(message)}"
+    cls = message_class(message) if message.strip() else _EMPTY_MESSAGE_CLASS.get(status,
+                                                                                    "no_message")
+    return f"{prefix}_{status}:{cls}"
 
 
 def is_rejection(kind: str) -> bool:
@@ -94,7 +101,8 @@ class Spec:
     rest_body: bytes | None = None
     rest_content_type: str = "application/json"
     grpc_input: dict[str, bytes] | None = None
-    expect: str = "ok"  # "ok" or an error-kind prefix such as "http_400" / "grpc_INVALID_ARGUMENT"
+    expect: str = "ok"  # "ok", "4xx" (any client-error class) or an error-kind prefix
+    expect_grpc: str = ""  # a different expectation over gRPC, when needed
     methods: int = 2  # heatmaps expected in a successful response
     stream: bool = False
 
@@ -175,23 +183,25 @@ def malformed_specs(max_request_size: int = 8388608, max_image_bytes: int = 4000
         specs.append(Spec("image_over_limit", rest({"image": b64(big), "question": q}),
                           grpc_input=grpc(pb.ExplainRequest(image=big, question=q)),
                           expect="4xx"))
-        # Over max_request_size: refused by TorchServe's frontend before any worker sees it.
+        # Over max_request_size: refused by TorchServe's frontend before any worker sees it:
+        # HTTP 413; over gRPC, grpc-java resets the stream (CANCELLED, "RST_STREAM ... code 8").
         huge = random.Random(2).randbytes(max_request_size + 1024)
         specs.append(Spec("request_over_limit", rest({"image": b64(huge), "question": q}),
                           grpc_input=grpc(pb.ExplainRequest(image=huge, question=q)),
-                          expect="4xx"))
+                          expect="http_413", expect_grpc="grpc_CANCELLED:stream_reset"))
     return specs
 
 
 def expectation_met(spec: Spec, transport: str, kind: str) -> bool:
-    if spec.expect == "ok":
+    expect = spec.expect_grpc if transport == "grpc" and spec.expect_grpc else spec.expect
+    if expect == "ok":
         return kind == "ok"
-    if spec.expect == "4xx":
+    if expect == "4xx":
         if transport == "rest":
             return bool(re.match(r"http_4\d\d:", kind))
         return kind.startswith(("grpc_INVALID_ARGUMENT:", "grpc_RESOURCE_EXHAUSTED:",
                                 "grpc_FAILED_PRECONDITION:", "grpc_OUT_OF_RANGE:"))
-    return kind.startswith(spec.expect + ":")
+    return kind.startswith(expect if ":" in expect else expect + ":")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,97 +272,201 @@ def check_response(parts: list[bytes], spec: Spec, transport: str) -> str:
 @dataclass
 class HttpOptions:
     timeout: float = DEFAULT_TIMEOUT_S
+    expect_continue_above: int = 1 << 20  # bodies above this wait for "100 Continue" (as curl)
     send_chunk: int = 0  # >0: send the body in pieces of this size ...
     send_pause: float = 0.0  # ... with this pause between pieces (a slow uploader)
     read_pause: float = 0.0  # pause after the status line before reading the body
     recv_buffer: int = 0  # >0: SO_RCVBUF, so a slow reader really pushes back
+    on_status: Callable[[int], None] | None = None  # called once the status line is in
 
 
-async def _open(host: str, port: int, recv_buffer: int):
-    if not recv_buffer:
-        return await asyncio.open_connection(host, port)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    return await asyncio.open_connection(sock=sock, limit=max(recv_buffer, 2**16))
+class _Conn(asyncio.Protocol):
+    """A client connection that keeps every byte it received even when the peer then resets
+    the connection (asyncio's StreamReader raises the reset and drops buffered data: TorchServe
+    answers some requests, e.g. a 503 after a slow upload, and then resets)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.closed: BaseException | bool = False
+        self.more = asyncio.Event()
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        self.transport: asyncio.Transport | None = None
+
+    # protocol callbacks
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.more.set()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self.more.set()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.closed = exc or True
+        self.more.set()
+        self.can_write.set()
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    # client side
+    async def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionError(f"connection closed while sending ({self._why()})")
+        self.transport.write(data)
+        await self.can_write.wait()
+
+    def _why(self) -> str:
+        return f"{type(self.closed).__name__}: {self.closed}" \
+            if isinstance(self.closed, BaseException) else "closed by the server"
+
+    async def _fill(self) -> None:
+        if self.closed:
+            raise ConnectionError(self._why())
+        self.more.clear()
+        await self.more.wait()
+
+    async def readline(self) -> bytes:
+        while (i := self.buf.find(b"\n")) < 0:
+            if self.closed:
+                line, self.buf = bytes(self.buf), bytearray()
+                return line  # b"" at a clean end
+            await self._fill()
+        line, self.buf = bytes(self.buf[:i + 1]), self.buf[i + 1:]
+        return line
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            await self._fill()
+        data, self.buf = bytes(self.buf[:n]), self.buf[n:]
+        return data
+
+    async def read_all(self) -> bytes:
+        while not self.closed:
+            await self._fill()
+        data, self.buf = bytes(self.buf), bytearray()
+        return data
+
+
+class StreamCut(ConnectionError):
+    """The status line was received but the body did not arrive complete."""
+
+    def __init__(self, status: int, chunks: list[bytes], cause: str) -> None:
+        super().__init__(f"response body cut after {len(chunks)} chunk(s): {cause}")
+        self.status, self.chunks = status, chunks
+
+
+async def _open(host: str, port: int, recv_buffer: int) -> _Conn:
+    loop = asyncio.get_running_loop()
+    sock = None
+    if recv_buffer:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+        _, conn = await loop.create_connection(_Conn, sock=sock)
+    else:
+        _, conn = await loop.create_connection(_Conn, host, port)
+    return conn
 
 
 async def http_post(url: str, body: bytes, content_type: str, opts: HttpOptions,
-                    on_part: Callable[[], None] | None = None) -> tuple[int, list[bytes], str]:
-    """POST; returns (status, body chunks, error message). Chunked bodies keep their chunks
-    (TorchServe sends each streamed message as one chunk); `on_part` fires on the first one."""
+                    on_part: Callable[[], None] | None = None) -> tuple[int, list[bytes]]:
+    """POST with `Connection: close`; returns (status, body chunks). Chunked bodies keep their
+    chunks (TorchServe sends each streamed message as one); `on_part` fires on the first one."""
     u = urlsplit(url)
-    reader, writer = await _open(u.hostname, u.port or 80, opts.recv_buffer)
+    conn = await _open(u.hostname, u.port or 80, opts.recv_buffer)
     try:
+        expect = 0 < opts.expect_continue_above < len(body)
         head = (f"POST {u.path or '/'} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\n"
                 f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n").encode()
+                + ("Expect: 100-continue\r\n" if expect else "")
+                + "Connection: close\r\n\r\n").encode()
+        await conn.write(head)
+        status_line = b""
+        if expect:
+            # A large body waits for "100 Continue": a request over max_request_size then gets
+            # its 413 cleanly instead of a connection reset in the middle of the upload.
+            with contextlib.suppress(TimeoutError):
+                status_line = await asyncio.wait_for(conn.readline(), 2.0)
+            if status_line.split()[1:2] == [b"100"]:
+                while (await conn.readline()) not in (b"\r\n", b"\n", b""):
+                    pass
+                status_line = b""
 
         async def send() -> None:
-            writer.write(head)
-            if opts.send_chunk > 0:
-                for i in range(0, len(body), opts.send_chunk):
-                    writer.write(body[i:i + opts.send_chunk])
-                    await writer.drain()
+            if status_line:
+                return  # the server already answered: the body is not wanted
+            step = opts.send_chunk if opts.send_chunk > 0 else len(body) or 1
+            for i in range(0, len(body), step):
+                await conn.write(body[i:i + step])
+                if opts.send_chunk > 0:
                     await asyncio.sleep(opts.send_pause)
-            else:
-                writer.write(body)
-            await writer.drain()
 
         sender = asyncio.create_task(send())
-        try:
-            status_line = await reader.readline()
-        except (ConnectionError, OSError):
-            status_line = b""
         if not status_line:
-            # Nothing came back: report why the upload failed, if it did.
-            try:
-                await asyncio.wait_for(sender, 1.0)
-            except (ConnectionError, OSError) as err:
-                raise ConnectionError(f"{type(err).__name__} while sending") from err
-            except TimeoutError:
-                pass
-            raise ConnectionError("connection closed without a response")
+            status_line = await conn.readline()
         if not sender.done():
             sender.cancel()  # the server answered before reading the whole body (e.g. 413)
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+        try:
             await sender
+        except asyncio.CancelledError:
+            pass
+        except ConnectionError as err:
+            if not status_line:
+                raise ConnectionError(f"{err} (nothing received)") from err
+        if not status_line:
+            raise ConnectionError("connection closed without a response")
         status = int(status_line.split()[1])
         headers: dict[str, str] = {}
         while True:
-            line = await reader.readline()
+            line = await conn.readline()
             if line in (b"\r\n", b"\n", b""):
                 break
             k, _, v = line.decode("latin-1").partition(":")
             headers[k.strip().lower()] = v.strip()
+        if opts.on_status:
+            opts.on_status(status)
         if opts.read_pause:
+            conn.transport.pause_reading()  # a slow reader: the socket buffer fills up
             await asyncio.sleep(opts.read_pause)
+            conn.transport.resume_reading()
         chunks: list[bytes] = []
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            while True:
-                size_line = await reader.readline()
-                if not size_line:
-                    raise ConnectionError(f"chunked body cut after {len(chunks)} chunks")
-                size = int(size_line.split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    await reader.readline()
-                    break
-                data = await reader.readexactly(size + 2)
-                if not chunks and on_part:
+        try:
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                while True:
+                    size_line = await conn.readline()
+                    if not size_line:
+                        raise ConnectionError("connection closed")
+                    size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        await conn.readline()
+                        break
+                    data = await conn.readexactly(size + 2)
+                    if not chunks and on_part:
+                        on_part()
+                    chunks.append(data[:-2])
+            elif "content-length" in headers:
+                chunks.append(await conn.readexactly(int(headers["content-length"])))
+                if on_part:
                     on_part()
-                chunks.append(data[:-2])
-        elif "content-length" in headers:
-            chunks.append(await reader.readexactly(int(headers["content-length"])))
-            if on_part:
-                on_part()
-        else:
-            chunks.append(await reader.read())
-        return status, chunks, ""
+            else:
+                chunks.append(await conn.read_all())
+        except (ConnectionError, ValueError) as err:
+            raise StreamCut(status, chunks, str(err)) from err
+        return status, chunks
     finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.wait_closed()
+        if conn.transport is not None:
+            conn.transport.close()
 
 
 def _split_stream(chunks: list[bytes]) -> list[bytes]:
@@ -368,12 +482,17 @@ async def rest_attempt(url: str, spec: Spec, opts: HttpOptions) -> Attempt:
         first.append(time.perf_counter() - t0)
 
     try:
-        status, chunks, _ = await asyncio.wait_for(
+        status, chunks = await asyncio.wait_for(
             http_post(url, spec.rest_body or b"", spec.rest_content_type, opts, mark),
             opts.timeout)
     except TimeoutError:
         return Attempt("http_timeout:client_timeout", f"no complete response in {opts.timeout} s",
                        first[0] if first else None, time.perf_counter() - t0)
+    except StreamCut as err:
+        # Status and (for a stream) the answer are out; TorchServe can only cut the connection.
+        return Attempt(f"http_{err.status}:stream_interrupted", str(err)[:300],
+                       first[0] if first else None, time.perf_counter() - t0,
+                       sum(len(c) for c in err.chunks))
     except (ConnectionError, OSError, asyncio.IncompleteReadError, ValueError, IndexError) as err:
         return Attempt(f"http_conn:{type(err).__name__}", str(err)[:300],
                        first[0] if first else None, time.perf_counter() - t0)
@@ -424,7 +543,8 @@ def grpc_kind(code_name: str, details: str) -> tuple[str, str]:
 
 
 async def grpc_attempt(target: GrpcTarget, spec: Spec, timeout: float,
-                       read_pause: float = 0.0) -> Attempt:
+                       read_pause: float = 0.0,
+                       on_first: Callable[[], None] | None = None) -> Attempt:
     t0 = time.perf_counter()
     first: float | None = None
     parts: list[bytes] = []
@@ -435,6 +555,8 @@ async def grpc_attempt(target: GrpcTarget, spec: Spec, timeout: float,
             async for reply in call:
                 if first is None:
                     first = time.perf_counter() - t0
+                    if on_first:
+                        on_first()
                     if read_pause:
                         await asyncio.sleep(read_pause)
                 parts.append(reply.prediction)
@@ -479,6 +601,7 @@ class Client:
     http: HttpOptions = field(default_factory=HttpOptions)
     grpc_timeout: float = DEFAULT_TIMEOUT_S
     grpc_read_pause: float = 0.0
+    grpc_on_first: Callable[[], None] | None = None
 
     def supports(self, spec: Spec) -> bool:
         return (spec.rest_body is not None) if self.transport == "rest" \
@@ -492,7 +615,8 @@ class Client:
     async def attempt(self, spec: Spec) -> Attempt:
         if self.transport == "rest":
             return await rest_attempt(self.rest_url, spec, self.http)
-        return await grpc_attempt(self.grpc, spec, self.grpc_timeout, self.grpc_read_pause)
+        return await grpc_attempt(self.grpc, spec, self.grpc_timeout, self.grpc_read_pause,
+                                  self.grpc_on_first)
 
 
 async def send(client: Client, spec: Spec, t0: float, retry: RetryPolicy | None = None,
@@ -508,7 +632,11 @@ async def send(client: Client, spec: Spec, t0: float, retry: RetryPolicy | None 
     while True:
         n += 1
         attempt_start = time.perf_counter()
-        a = await client.attempt(spec)
+        try:
+            a = await client.attempt(spec)
+        except Exception as err:  # noqa: BLE001 - a client bug must still be accounted for
+            a = Attempt(f"client_error:{type(err).__name__}", str(err)[:300], None,
+                        time.perf_counter() - attempt_start)
         if not (is_rejection(a.kind) and n < retry.max_attempts):
             break
         pause = retry.pause(n, rng)
