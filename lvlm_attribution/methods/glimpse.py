@@ -42,8 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..capture import CaptureSpec
+from ..capture import CaptureSpec, capture
 from ..context import AttributionContext
 from ..schema import MethodOutput
 from .registry import register_method, settings_dict
@@ -84,6 +85,13 @@ class GlimpseConfig:
     flow_links: str = "attended"  # "attended": earlier content tokens it attends to in R;
     #                                "either": also later content tokens that attend to it
     token_chunk: int = 8  # answer tokens per batched backward (memory knob, exact either way)
+    # Memory knob, exact either way. "full": one capture forward keeps every propagated layer's
+    # N x N attention in the autograd graph (~ 6·H·N² bytes per layer in bf16: the fp32 softmax
+    # output and its bf16 copy). "replay": one plain forward saves each layer's input hidden
+    # state; per chunk of tokens the layers are replayed one at a time, top-down, with explicit
+    # attention, carrying dz/dh downwards, so only ONE layer's N x N graph exists at a time
+    # (long sequences, e.g. N ~ 4,800 at 7B; see docs/performance.md).
+    memory_mode: str = "full"
 
     def validate(self) -> None:
         if not self.tau > 0:
@@ -102,6 +110,8 @@ class GlimpseConfig:
             raise ValueError("flow_links must be 'attended' or 'either'")
         if self.token_chunk < 1:
             raise ValueError("token_chunk must be >= 1")
+        if self.memory_mode not in ("full", "replay"):
+            raise ValueError("memory_mode must be 'full' or 'replay'")
 
 
 # ---- Eq 5-11: per-layer fusion and layer weights -------------------------------------------------
@@ -192,6 +202,8 @@ def attention_gradients(ctx: AttributionContext, layers: list[int],
 def relevance_rows(ctx: AttributionContext, cfg: GlimpseConfig):
     """Fast path. Returns rows (T, N) = R_t[t-1, :] in fp32, alpha (T, L'), head weights
     (T, L', H), the propagated layers and the gradient mode."""
+    if cfg.memory_mode == "replay":
+        return relevance_rows_replay(ctx, cfg)
     layers = list(ctx.layers(last_fraction=cfg.last_fraction))
     logits, captured = ctx.forward(CaptureSpec(layers=layers), check=True)
     z = ctx.target_logits(logits)
@@ -216,6 +228,111 @@ def relevance_rows(ctx: AttributionContext, cfg: GlimpseConfig):
         alpha[tokens] = layer_weights(evidence, prior, cfg)
         rows[tokens] = propagate_row(fused, alpha[tokens], ctx.predict_rows[tokens], cfg)
     return rows, alpha, head_w, layers, "+".join(sorted(modes))
+
+
+def _record_layers(ctx: AttributionContext, layers: list[int]):
+    """One forward with SDPA everywhere (under the capture's mask function, so every layer gets
+    an explicit causal/prefix-LM mask), no graph. Returns per layer in `layers` its input hidden
+    state and call kwargs, and the last layer's output."""
+    decoder = ctx.adapter.decoder_layers()
+    inputs: dict[int, tuple[torch.Tensor, dict]] = {}
+    last: list[torch.Tensor] = []
+
+    def pre_hook(index):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            inputs[index] = (hidden.detach(), rest)
+        return hook
+
+    def out_hook(module, args, output):
+        last.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    handles = [decoder[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True)
+               for i in layers]
+    handles.append(decoder[layers[-1]].register_forward_hook(out_hook))
+    try:
+        with torch.no_grad(), capture(ctx.model, ctx.adapter, CaptureSpec(layers=[])):
+            logits = ctx.model(**ctx.inputs, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    ctx._guard(logits)
+    return inputs, last[-1]
+
+
+def _replay_vjp(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, captured, index: int,
+                dout: torch.Tensor, need_input: bool):
+    """Replay one decoder layer with explicit attention; VJPs of its output with the rows of
+    `dout` (c, *out.shape): d/dA (c, 1, H, N, N) and d/dh (c, *h.shape) (or None)."""
+    leaf = hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = layer(leaf, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        wrt = [captured.probs[index], leaf] if need_input else [captured.probs[index]]
+        try:
+            grads = torch.autograd.grad(out, wrt, grad_outputs=dout, is_grads_batched=True)
+            mode = "batched"
+        except RuntimeError:  # no batching rule, or out of memory: one token at a time
+            per = [torch.autograd.grad(out, wrt, grad_outputs=d, retain_graph=True)
+                   for d in dout]
+            grads = [torch.stack([p[k] for p in per]) for k in range(len(wrt))]
+            mode = "loop"
+    return grads[0], (grads[1] if need_input else None), mode
+
+
+def relevance_rows_replay(ctx: AttributionContext, cfg: GlimpseConfig):
+    """`relevance_rows` with layer-by-layer replay (memory_mode="replay"); same returns.
+
+    dz_t/dA^l = VJP of layer l alone, at its saved input h^l, with dz_t/d(out^l): the output of
+    layer l reaches z_t only through layers l+1..L, so carrying v_l = dz_t/d(out^l) downwards
+    (v_{l-1} = VJP of layer l w.r.t. h^l, since out^{l-1} = h^l) gives exactly the full
+    backward's gradients, one layer's N x N graph at a time."""
+    layers = list(ctx.layers(last_fraction=cfg.last_fraction))
+    if layers != list(range(layers[0], ctx.adapter.num_layers)):
+        raise ValueError("replay needs the propagated layers to be the last ones")
+    saved, last_out = _record_layers(ctx, layers)
+    decoder = ctx.adapter.decoder_layers()
+    # dz_t/d(out^L): z_t reads row t-1 of the last layer's output through final norm + LM head.
+    top = last_out[0, ctx.predict_rows].detach().requires_grad_(True)  # (T, D)
+    with torch.enable_grad():
+        z = ctx.logit_lens(top).gather(1, ctx.answer_ids_tensor[:, None])[:, 0]
+        (top_grad,) = torch.autograd.grad(z.sum(), top)  # row t: dz_t/dh (rows independent)
+    expected = ctx.plain_logits.gather(1, ctx.answer_ids_tensor[:, None])[:, 0]
+    if (z.detach().float() - expected).abs().max() > 1e-3 * (1 + expected.abs().max()):
+        raise RuntimeError("final norm + LM head do not reproduce the model's logits")
+    prior = depth_prior(layers, ctx.adapter.num_layers, cfg).to(z.device)
+    num_tokens, n = ctx.num_answer_tokens, ctx.seq_len
+    rows = torch.zeros(num_tokens, n, device=z.device)
+    alpha = torch.zeros(num_tokens, len(layers), device=z.device)
+    head_w: torch.Tensor | None = None
+    modes = set()
+    with capture(ctx.model, ctx.adapter, CaptureSpec(layers=layers)) as captured:
+        for start in range(0, num_tokens, cfg.token_chunk):
+            tokens = torch.arange(start, min(start + cfg.token_chunk, num_tokens),
+                                  device=z.device)
+            dout = last_out.new_zeros(len(tokens), *last_out.shape)
+            dout[torch.arange(len(tokens)), 0, ctx.predict_rows[tokens]] = \
+                top_grad[tokens].to(dout.dtype)
+            fused = torch.zeros(len(tokens), len(layers), n, n, device=z.device)
+            evidence = torch.zeros(len(tokens), len(layers), device=z.device)
+            for i in reversed(range(len(layers))):
+                layer = layers[i]
+                hidden, kwargs = saved[layer]
+                g, dout, mode = _replay_vjp(decoder[layer], hidden, kwargs, captured, layer,
+                                            dout, need_input=i > 0)
+                modes.add(mode)
+                attn = captured.probs.pop(layer)[0].detach().float()  # (H, N, N)
+                if head_w is None:
+                    head_w = torch.zeros(num_tokens, len(layers), attn.shape[0],
+                                         device=z.device)
+                g = g[:, 0].float()
+                fused[:, i], head_w[tokens, i], evidence[:, i] = fuse_heads(attn, g, cfg)
+                del g, attn
+            alpha[tokens] = layer_weights(evidence, prior, cfg)
+            rows[tokens] = propagate_row(fused, alpha[tokens], ctx.predict_rows[tokens], cfg)
+    mode = "+".join(f"replay-{m}" for m in sorted(modes))
+    return rows, alpha, head_w, layers, mode
 
 
 # ---- Eq 15-23: token weights and maps ----------------------------------------------------------
