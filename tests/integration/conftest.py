@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 MODEL_NAME = "lvlm"
 OOM_PROBE = "lvlm_oom_probe"
-READY_TIMEOUT_S = 240
+READY_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ def write_configs(root: Path, ports: list[int]) -> tuple[Path, Path]:
     rest, mgmt, metrics, grpc_inf, grpc_mgmt, worker = ports
     cfg = yaml.safe_load((REPO / "deploy" / "model-config.yaml").read_text())
     cfg["handler"]["model_dir"] = str(model_dir())
+    # Shared CI machines can be slow to import torch + transformers: generous start-up limits.
+    cfg["startupTimeout"] = max(cfg.get("startupTimeout", 120), READY_TIMEOUT_S)
+    cfg["responseTimeout"] = max(cfg.get("responseTimeout", 120), 300)
     model_config = root / "model-config.yaml"
     model_config.write_text(yaml.safe_dump(cfg))
     overrides = {

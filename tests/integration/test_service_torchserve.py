@@ -313,3 +313,19 @@ def test_failure_after_the_streamed_answer_ends_the_stream(torchserve, transport
     # gRPC carries the status after the first message; REST already sent 200, so it is cut.
     assert info.value.status == ("STREAM_INTERRUPTED" if transport == "rest"
                                  else "RESOURCE_EXHAUSTED")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_request_over_max_request_size_is_refused_by_torchserve(clients, transport) -> None:
+    """deploy/config.properties sets max_request_size=8 MiB (REST body and gRPC inbound)."""
+    big = _request(image=b"\0" * (9 * 1024 * 1024))
+    # Measured: REST resets the connection while the body is still being sent (or answers 413);
+    # gRPC (grpc-java's inbound limit) resets the stream: CANCELLED, "RST_STREAM ... code 8".
+    with pytest.raises((ServiceCallError, OSError)) as info:
+        clients[transport].explain(big)
+    if transport == "grpc":
+        assert info.value.status == "CANCELLED" and "RST_STREAM" in info.value.message
+    elif isinstance(info.value, ServiceCallError):
+        assert info.value.status == 413
+    assert clients[transport].explain(make_request(IMAGE, SCENE.question,
+                                                   methods=["dexar"])).answer
