@@ -174,9 +174,22 @@ def add_audit_sample(sub) -> None:
     add(sub)
 
 
+# ---- evaluate, grounding-eval (lvlm_attribution/evaluation/cli_eval.py) --------------------------
+def add_evaluate(sub) -> None:
+    from .evaluation.cli_eval import add_evaluate as add
+
+    add(sub)
+
+
+def add_grounding_eval(sub) -> None:
+    from .evaluation.cli_eval import add_grounding_eval as add
+
+    add(sub)
+
+
 # Each subcommand registers itself here; add new ones as add_<name> functions above.
 SUBCOMMANDS = [add_train, add_model_eval, add_explain, add_scene, add_call, add_audit,
-               add_audit_sample]
+               add_audit_sample, add_evaluate, add_grounding_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from . import methods as _methods  # noqa: F401  (registers every method)
 from .context import AttributionContext
+from .grounding import ground
 from .llr import token_llr
 from .methods.registry import get_method, list_methods, settings_dict
 from .models import PreparedPrompt, adapter_for
@@ -126,9 +127,10 @@ class Explainer:
                 outputs[name] = get_method(name).attribute(ctx, cfg)
             if not options.per_token_maps:
                 outputs[name].per_token_maps = None
+        tokens = self._tokens(ids, probabilities, llrs, outputs)
+        grounding = ground(tokens)  # sets TokenInfo.grounded; rule in grounding.py
         return Explanation(
-            answer=self.decode(ids), answer_token_ids=ids,
-            tokens=self._tokens(ids, probabilities, llrs, outputs),
+            answer=self.decode(ids), answer_token_ids=ids, tokens=tokens, grounding=grounding,
             methods=outputs, question_tokens=prompt.question_tokens, grid=prompt.grid,
             image_size=prompt.image_size, audit_mode=audit, model_name=self.model_name,
             model_version=self.model_version, timings=timings,

@@ -1,0 +1,110 @@
+"""CLI parts of `evaluate` and `grounding-eval` (registered by lvlm_attribution/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..world.scenes import KINDS
+
+EMBEDDED_MODEL = Path(__file__).resolve().parents[2] / "model_store" / "tiny-shapes-llava"
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k for k in text.split(",") if k)
+    bad = sorted(set(kinds) - set(KINDS))
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown kinds {bad}; known: {KINDS}")
+    return kinds
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ..engine import Explainer
+    from .run import EvalConfig, format_report, parse_methods, run_evaluation
+
+    settings = json.loads(args.method_settings) if args.method_settings else {}
+    try:
+        parse_methods(args.methods, settings)
+    except (KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg = EvalConfig(scenes=args.scenes, seed=args.seed, methods=args.methods,
+                     method_settings=settings, kinds=args.kinds, igos_scenes=args.igos_scenes,
+                     steps=args.steps, batch_size=args.batch_size,
+                     perturbation=not args.no_perturbation, ppl_points=args.ppl_points)
+    explainer = Explainer.from_pretrained(args.model, device=args.device)
+    report = run_evaluation(explainer, cfg, Path(args.out) if args.out else None)
+    table = format_report(report)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps(report, indent=1))
+    else:
+        print(table)
+    return 0
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="attribution maps vs planted ground truth (held-out "
+                       "scenes, audit mode on the correct answer)")
+    p.add_argument("--model", default=str(EMBEDDED_MODEL))
+    p.add_argument("--scenes", type=int, default=100, help="total; question kinds in turn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="glimpse,dexar",
+                   help="comma-separated; variants as name:key=value[:key=value], e.g. "
+                        "glimpse:depth_prior=false,dexar:key_aggregation=mean")
+    p.add_argument("--method-settings", default=None,
+                   help='JSON per method, applied to all its variants: {"igos": {"iterations": 3}}')
+    p.add_argument("--kinds", type=_kinds, default=KINDS, help="comma-separated question kinds")
+    p.add_argument("--igos-scenes", type=int, default=None,
+                   help="run iGOS++ only on the first K scenes (it is expensive)")
+    p.add_argument("--steps", type=int, default=50, help="deletion/insertion steps")
+    p.add_argument("--ppl-points", type=int, default=11,
+                   help="perplexity-AUC grid: this many equally spaced fractions in [0, 1]")
+    p.add_argument("--batch-size", type=int, default=32, help="images per scoring forward")
+    p.add_argument("--no-perturbation", action="store_true",
+                   help="skip deletion/insertion and perplexity AUC (localisation only)")
+    p.add_argument("--out", default=None, help="JSON lines, one per scene; resumed if present")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_evaluate)
+
+
+def _grounding_eval(args: argparse.Namespace) -> int:
+    from ..engine import Explainer
+    from .grounding_eval import GroundingEvalConfig, format_grounding, run_grounding_eval
+
+    cfg = GroundingEvalConfig(scenes=args.scenes, seed=args.seed,
+                              methods=tuple(m for m in args.methods.split(",") if m),
+                              kinds=args.kinds, target_false_flag=args.target_false_flag)
+    explainer = Explainer.from_pretrained(args.model, device=args.device)
+    report = run_grounding_eval(explainer, cfg, Path(args.out) if args.out else None,
+                                do_calibrate=args.calibrate)
+    text = format_grounding(report)
+    if report.get("calibration_literal"):
+        text += "\n" + report["calibration_literal"] + "\n"
+    if args.json:
+        print(text, file=sys.stderr)
+        print(json.dumps(report, indent=1))
+    else:
+        print(text)
+    return 0
+
+
+def add_grounding_eval(sub) -> None:
+    p = sub.add_parser("grounding-eval", help="grounding flags on planted errors: precision, "
+                       "recall, false-flag rate, AUROC (audit mode)")
+    p.add_argument("--model", default=str(EMBEDDED_MODEL))
+    p.add_argument("--scenes", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="glimpse,dexar",
+                   help="methods run per explanation (their signals feed the rule)")
+    p.add_argument("--kinds", type=_kinds, default=KINDS)
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the rule on this run and print grounding.CALIBRATION (in-sample)")
+    p.add_argument("--target-false-flag", type=float, default=0.03)
+    p.add_argument("--out", default=None, help="JSON lines of token signals; resumed if present")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_grounding_eval)

@@ -1,0 +1,109 @@
+"""`evaluate` harness: output structure and resumability (random-weight model, 3 scenes)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lvlm_attribution.evaluation import run as run_mod
+from lvlm_attribution.evaluation.run import (
+    METRICS,
+    REFERENCE_MAPS,
+    EvalConfig,
+    explain_rounds,
+    format_report,
+    parse_methods,
+    run_evaluation,
+)
+
+
+def test_parse_methods_and_rounds():
+    v = parse_methods("glimpse,dexar,glimpse:depth_prior=false:last_fraction=0.5,"
+                      "dexar:key_aggregation=mean", {"glimpse": {"tau": 0.25}})
+    assert [x.label for x in v] == ["glimpse", "dexar", "glimpse:depth_prior=false:"
+                                    "last_fraction=0.5", "dexar:key_aggregation=mean"]
+    assert v[0].settings == {"tau": 0.25}
+    assert v[2].settings == {"tau": 0.25, "depth_prior": False, "last_fraction": 0.5}
+    rounds = explain_rounds(v)
+    assert [[x.label for x in r] for r in rounds] == [["glimpse", "dexar"],
+                                                     [v[2].label, v[3].label]]
+    for bad in ("nosuch", "glimpse:nosuch=1", "dexar:key_aggregation=median", "glimpse:x",
+                "dexar,dexar", "uniform"):
+        with pytest.raises((KeyError, ValueError)):
+            parse_methods(bad)
+    with pytest.raises(ValueError):
+        parse_methods("dexar", {"glimpse": {"tau": 1.0}})
+
+
+def test_structure(random_llava_explainer, tmp_path):
+    cfg = EvalConfig(scenes=3, seed=5, methods="dexar,dexar:token_filter=false", steps=4,
+                     ppl_points=3, kinds=("color", "existence"))
+    report = run_evaluation(random_llava_explainer, cfg, tmp_path / "e.jsonl", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert lines[0]["type"] == "header" and len(lines) == 4
+    scenes = lines[1:]
+    assert [s["kind"] for s in scenes] == ["color", "existence", "color"]
+    labels = ["dexar", "dexar:token_filter=false", *REFERENCE_MAPS]
+    assert report["labels"] == labels
+    for s in scenes:
+        assert set(s["metrics"]) == set(labels)
+        for label in labels:
+            m = s["metrics"][label]
+            assert {"epg", "nss", "deletion", "insertion", "ppl_pos", "ppl_neg"} <= set(m)
+            if s["mask_area"] == 0:  # absent-object question: localisation undefined
+                assert m["epg"] is None
+            else:
+                assert 0.0 <= m["epg"] <= 1.0
+        assert "token_snr" in s["metrics"]["dexar"]
+        assert "token_snr" not in s["metrics"]["uniform"]
+        uni = s["metrics"]["uniform"]
+        if s["mask_area"] > 0:
+            assert uni["epg"] == pytest.approx(s["mask_area"])
+    summary = report["summary"]
+    assert set(summary) == {"all", "color", "existence"}
+    assert summary["all"]["scenes"] == 3 and summary["color"]["scenes"] == 2
+    row = summary["all"]["maps"]["dexar"]
+    assert set(row) - {"scenes"} <= set(METRICS)
+    assert {"mean", "low", "high", "n", "n_nan", "n_inf"} == set(row["epg"])
+    assert set(report["acceptance"]) == {"dexar"}
+    assert report["scenes_done"] == 3 and report["scenes_resumed"] == 0
+    table = format_report(report)
+    assert "| dexar:token_filter=false |" in table and "epg ↑" in table
+    json.dumps(report)  # JSON-safe (no NaN / inf objects)
+
+
+def test_resume_skips_done_scenes(random_llava_explainer, tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    cfg = EvalConfig(scenes=3, seed=6, methods="dexar", perturbation=False)
+    calls = []
+    real = run_mod.evaluate_scene
+
+    def interrupted(explainer, sample, index, *args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(index)
+        return real(explainer, sample, index, *args)
+
+    monkeypatch.setattr(run_mod, "evaluate_scene", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(random_llava_explainer, cfg, out, progress=False)
+    assert calls == [0, 1]
+    with out.open("a") as f:  # a torn line, as if killed mid-write
+        f.write('{"type": "scene", "ind')
+    calls.clear()
+    monkeypatch.setattr(run_mod, "evaluate_scene",
+                        lambda ex, s, i, *a: calls.append(i) or real(ex, s, i, *a))
+    report = run_evaluation(random_llava_explainer, cfg, out, progress=False)
+    assert calls == [2]
+    assert report["scenes_done"] == 3 and report["scenes_resumed"] == 2
+    indices = [json.loads(x).get("index") for x in out.read_text().splitlines()[1:]]
+    assert indices == [0, 1, 2]
+    assert "deletion" not in report["summary"]["all"]["maps"]["dexar"]
+    # other settings -> refused, not silently mixed
+    with pytest.raises(ValueError):
+        run_evaluation(random_llava_explainer, EvalConfig(scenes=3, seed=7, methods="dexar",
+                                                          perturbation=False), out,
+                       progress=False)
+    assert not math.isnan(report["summary"]["all"]["mask_area"]["mean"])
