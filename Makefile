@@ -51,5 +51,14 @@ lint: setup
 k8s-validate: setup
 	bash deploy/scripts/k8s_validate.sh
 
+# Load ramp (REST + gRPC, concurrency 1..16, default and monitoring profiles) and the fault
+# scenarios, each against a private TorchServe on 127.0.0.1 free ports. Writes runs/load/
+# (report.json, table.md, table.txt, load-latency.png, faults/*.json); ~20 min on 2 CPU cores.
+# Shorter: make loadtest LOADTEST_ARGS="--concurrency 1,2 --step-seconds 10". See docs/load.md.
+loadtest: setup check-java
+	$(PY) -m loadtests.run --out runs/load $(LOADTEST_ARGS)
+	LVLM_LOAD_FAULTS=1 LVLM_LOAD_OUT=runs/load $(PY) -m pytest -q -s -p no:cacheprovider \
+		tests/test_load_faults.py $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) model_store/*.mar model_store/build logs
