@@ -33,7 +33,9 @@ def examples() -> list[tuple[str, str, str]]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, torchserve) -> Path:
     work = tmp_path_factory.mktemp("docs")
-    (work / "proto").symlink_to(REPO / "proto")
+    for name in ("proto", ".venv"):  # examples are written to run from the repository root
+        if (REPO / name).exists():
+            (work / name).symlink_to(REPO / name)
     subprocess.run([str(Path(sys.executable).parent / "lvlm-attribution"), "scene", "--seed", "3",
                     "--kind", "color", "--out", "scene.png"], cwd=work, check=True,
                    capture_output=True)
