@@ -34,6 +34,9 @@ margin-left:3px;vertical-align:super;white-space:nowrap}
 vertical-align:middle;border:1px solid #aaa;background:linear-gradient(to right,
 rgba(255,140,0,.08),rgba(255,140,0,.9))}
 .err{color:#b00000;font-weight:600}.score-low{color:#b00000;font-weight:600}
+.scroll{overflow-x:auto;max-width:100%}
+.atok{white-space:pre}.atok.flag{outline:2px solid #d00000;outline-offset:1px;border-radius:2px;
+color:#b00000;font-weight:600}
 img.overlay{max-width:100%;border:1px solid #ccc}img.thumb{height:72px;border:1px solid #ccc}
 """
 
@@ -140,8 +143,9 @@ def item_html(item_id: str, question: str, given_answer: str, record: ItemRecord
                     f'<td class="num">{_fmt(t.probability, 4)}</td>'
                     f'<td class="num">{_fmt(t.llr, 4)}</td><td>{status}</td>{cells}</tr>')
     parts += ["<h2>Per-token values</h2>",
-              "<table><thead><tr><th>#</th><th>token</th><th>probability</th><th>LLR (nats)</th>"
-              f"<th>grounding</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>",
+              '<div class="scroll"><table><thead><tr><th>#</th><th>token</th>'
+              "<th>probability</th><th>LLR (nats)</th>"
+              f"<th>grounding</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>",
               "<h2>Settings used</h2>", _settings_html(record.settings),
               "<h2>Timings (s)</h2>", _kv_table({k: _fmt(v, 3) for k, v in
                                                 record.timings.items()})]
@@ -194,6 +198,12 @@ def index_html(rows: Sequence[dict[str, Any]], stats: dict[str, Any]) -> str:
                  f'{escape(r["id"])}" src="{escape(r["overlay"])}"></a>'
                  if r.get("overlay") else "")
         flagged = ", ".join(r.get("flagged_tokens") or [])
+        marks = set(r.get("flagged_indices") or [])
+        answer_html = (" ".join(
+            f'<span class="atok flag" title="not supported by the image">{escape(t)}</span>'
+            if i in marks else f'<span class="atok">{escape(t)}</span>'
+            for i, t in enumerate(r["answer_tokens"])) if r.get("answer_tokens")
+            else escape(r["answer"]))
         err = (f'<span class="err">{escape(r["error_kind"])}: {escape(r["error"])}</span>'
                if r.get("error") else "")
         sv = "" if score is None else f"{score:.6g}"
@@ -201,7 +211,7 @@ def index_html(rows: Sequence[dict[str, Any]], stats: dict[str, Any]) -> str:
             f'<tr><td class="num" data-v="{rank}">{rank}</td><td data-v="{escape(r["id"])}">'
             f'{link}</td><td data-v="">{thumb}</td><td data-v="{escape(r["question"])}">'
             f'{escape(r["question"])}</td><td data-v="{escape(r["answer"])}">'
-            f'{escape(r["answer"])}</td><td class="num" data-v="{sv or "Infinity"}">'
+            f'{answer_html}</td><td class="num" data-v="{sv or "Infinity"}">'
             f'{escape(_fmt(score, 4))}</td><td data-v="{escape(flagged)}">{escape(flagged)}</td>'
             f'<td data-v="{escape(r.get("truth") or "")}">{escape(r.get("truth") or "")}</td>'
             f'<td data-v="{escape(r.get("error") or "")}">{err}</td></tr>')
@@ -211,7 +221,8 @@ def index_html(rows: Sequence[dict[str, Any]], stats: dict[str, Any]) -> str:
     content = ("<h1>Audit of flagged answers</h1>"
                '<dl class="meta">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in meta)
                + "</dl><p class=legend>Sorted by grounding score, lowest (least supported by "
-               "the image) first; failed items last. Click a row's id for its report. "
+               "the image) first; failed items last. Answer tokens flagged as not supported by "
+               "the image are outlined in red. Click a row's id for its report. "
                "summary.csv and summary.json hold the same table.</p>"
                f"<table id=items><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
                f"</table><script>{SORT_JS}</script>")
