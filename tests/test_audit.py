@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import subprocess
 import threading
 from html.parser import HTMLParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,6 @@ from PIL import Image
 from lvlm_attribution.audit import LocalBackend, ServiceBackend, auroc, read_jsonl, run_audit
 from lvlm_attribution.audit.runner import item_dir_name
 from lvlm_attribution.audit.sample import build_sample
-from lvlm_attribution.client import ServiceCallError
 from lvlm_attribution.world.scenes import generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,62 +126,78 @@ def test_html_escapes_user_text_and_is_self_contained(audited):
 
 
 def test_service_backend_returns_the_same_record(random_llava_explainer, audited):
-    """ServiceBackend over the service's own response mapping == LocalBackend, and a service
-    400 becomes a per-item error carrying the server's message."""
+    """--url path end to end over real HTTP with the typed REST client: a stand-in server that
+    answers with the service's own response mapping gives the same record as the local backend,
+    and a 400 becomes a per-item error carrying the server's message."""
+    from google.protobuf import json_format
+
+    from lvlm_attribution.api.v1 import explain_pb2 as pb
     from lvlm_attribution.schema import ExplainOptions
     from lvlm_attribution.service.response import full_response
     from lvlm_attribution.service.validation import Job
 
-    folder, jsonl, _, _, _ = audited
-    items, _ = read_jsonl(jsonl)
-    item = items[0]
-    image = Image.open(item.image_path).convert("RGB")
+    folder, jsonl, out_local, _, _ = audited
+    accepted = json.loads((out_local / "items" / "item-0" / "record.json").read_text())
+    lock = threading.Lock()
 
-    class FakeClient:
-        def explain(self, request):
-            assert request.answer == item.answer and list(request.methods) == list(METHODS)
-            options = ExplainOptions(methods=METHODS)
-            expl = random_llava_explainer.explain(image, request.question,
-                                                  answer=request.answer, options=options)
-            job = Job(image, request.question, request.answer, options, "f16_zlib", False,
-                      request.request_id, False)
-            return full_response(job, expl, audit=True)
-
-        def close(self):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
             pass
 
-    remote = ServiceBackend("http://fake:8080", METHODS, client=FakeClient()).explain(
-        item, image, item.image_path.read_bytes())
-    stored = json.loads((folder / "out" / "items" / "item-0" / "record.json").read_text())
-    local = stored["record"]
-    assert remote.answer == local["answer"]
-    assert [t.text for t in remote.tokens] == [t["text"] for t in local["tokens"]]
-    for a, b in zip(remote.tokens, local["tokens"], strict=True):
-        assert a.probability == pytest.approx(b["probability"], rel=1e-5, abs=1e-6)
-        assert a.llr == pytest.approx(b["llr"], rel=1e-4, abs=1e-5)
-        assert set(a.weights) == set(b["weights"])
-    assert list(remote.maps) == list(METHODS)
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            req = json_format.Parse(body, pb.ExplainRequest())
+            if req.answer != accepted["item"]["answer"] or req.request_id != "item-0":
+                return self._send(400, {"code": 400, "type": "InvalidRequest",
+                                        "message": "answer: refused by the test server"})
+            image = Image.open(io.BytesIO(req.image)).convert("RGB")
+            options = ExplainOptions(methods=tuple(req.methods))
+            with lock:
+                expl = random_llava_explainer.explain(image, req.question, answer=req.answer,
+                                                      options=options)
+            job = Job(image, req.question, req.answer, options, "f16_zlib", False,
+                      req.request_id, False)
+            self._send(200, json_format.MessageToDict(full_response(job, expl, audit=True)))
+
+        def _send(self, status, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        summary = run_audit(jsonl, folder / "out-service", ServiceBackend(url, METHODS),
+                            concurrency=3, progress=False)
+    finally:
+        server.shutdown()
+    assert summary["n_ok"] == 1 and summary["n_errors"] == 6
+    refused = [r for r in summary["items"] if r["error_kind"] == "service"]
+    assert len(refused) == 3
+    assert refused[0]["error"] == "HTTP 400: answer: refused by the test server"
+    remote = json.loads((folder / "out-service" / "items" / "item-0" / "record.json")
+                        .read_text())["record"]
+    local = accepted["record"]
+    assert remote["backend"] == url and local["backend"] == "local"
+    assert remote["answer"] == local["answer"] and remote["model"] == local["model"]
+    for a, b in zip(remote["tokens"], local["tokens"], strict=True):
+        assert a["text"] == b["text"] and a["grounded"] == b["grounded"]
+        assert a["probability"] == pytest.approx(b["probability"], rel=1e-5, abs=1e-6)
+        assert a["llr"] == pytest.approx(b["llr"], rel=1e-4, abs=1e-5)
+        assert a["weights"].keys() == b["weights"].keys()
+    assert list(remote["maps"]) == list(METHODS)
     for name in METHODS:  # f16 on the wire
-        np.testing.assert_allclose(remote.maps[name], np.asarray(local["maps"][name]),
-                                   rtol=2e-3, atol=1e-4)
-    assert remote.prompt_saliency[1] == local["promptSaliency"]["tokens"]
-    assert remote.settings.keys() == local["settings"].keys()
-    assert remote.model_name == "random-llava"
-
-    class RefusingClient:
-        def explain(self, request):
-            raise ServiceCallError(400, "answer: longer than 512 characters")
-
-        def close(self):
-            pass
-
-    out = folder / "out-service"
-    summary = run_audit(jsonl, out, ServiceBackend("http://fake:8080", METHODS,
-                                                   client=RefusingClient()),
-                        concurrency=3, progress=False)
-    errors = [r for r in summary["items"] if r["error_kind"] == "service"]
-    assert len(errors) == 4 and summary["n_ok"] == 0
-    assert errors[0]["error"] == "HTTP 400: answer: longer than 512 characters"
+        np.testing.assert_allclose(remote["maps"][name], local["maps"][name], rtol=2e-3,
+                                   atol=1e-4)
+    assert remote["promptSaliency"]["tokens"] == local["promptSaliency"]["tokens"]
+    assert remote["settings"].keys() == local["settings"].keys()
+    assert remote["score"] == pytest.approx(local["score"], rel=1e-4, abs=1e-6)
+    assert remote["scoreSource"] == local["scoreSource"]
 
 
 def test_resume_skips_complete_items(audited, random_llava_explainer):
