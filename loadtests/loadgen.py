@@ -116,18 +116,23 @@ def png_bytes(image) -> bytes:
 
 
 def request_specs(n: int, methods: Sequence[str] = (), stream: bool = True, seed: int = 0,
-                  default_methods: int = 2) -> list[Spec]:
-    """n realistic requests about distinct scenes of the embedded model's world."""
+                  default_methods: int = 2,
+                  images: Sequence[tuple[bytes, str]] = ()) -> list[Spec]:
+    """n realistic requests about distinct scenes of the embedded model's world, or about the
+    given (image file bytes, question) pairs (for a real model on a GPU pod)."""
     from google.protobuf import json_format
 
     from lvlm_attribution.world.scenes import generate
 
     specs = []
     for i in range(n):
-        sample = generate(seed + i)
-        req = pb.ExplainRequest(image=png_bytes(sample.image), question=sample.question,
-                                methods=list(methods), stream=stream,
-                                request_id=f"load-{seed + i}")
+        if images:
+            image, question = images[i % len(images)]
+        else:
+            sample = generate(seed + i)
+            image, question = png_bytes(sample.image), sample.question
+        req = pb.ExplainRequest(image=image, question=question, methods=list(methods),
+                                stream=stream, request_id=f"load-{seed + i}")
         specs.append(Spec("normal", json.dumps(json_format.MessageToDict(req)).encode(),
                           grpc_input={"request": req.SerializeToString()},
                           methods=len(methods) or default_methods, stream=stream))

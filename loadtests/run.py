@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="hard bound: later steps are skipped once this is spent")
     p.add_argument("--warmup", type=int, default=2, help="requests per transport, not counted")
     p.add_argument("--scenes", type=int, default=64, help="distinct scenes to cycle through")
+    p.add_argument("--image", type=Path, action="append", default=[],
+                   help="send this image file instead of generated scenes (repeatable; a real "
+                        "model on a GPU pod); questions from --question")
+    p.add_argument("--question", action="append", default=[],
+                   help="question for the --image files (one, or one per image)")
     p.add_argument("--no-stream", action="store_true", help="unary requests instead")
     p.add_argument("--max-attempts", type=int, default=10_000,
                    help="attempts per request on rejection (1 = never retry)")
@@ -71,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = set(a.transports) - {"rest", "grpc"} or set(a.profiles) - set(PROFILES)
     if bad:
         p.error(f"unknown transport/profile: {sorted(bad)}")
+    if a.image and len(a.question) not in (1, len(a.image)):
+        p.error("give one --question, or one per --image")
     if a.step_requests < 1 or a.step_seconds <= 0 or a.max_total_seconds <= 0:
         p.error("steps must be bounded: --step-requests >= 1, --step-seconds > 0")
     return a
@@ -101,7 +108,10 @@ async def ramp(args: argparse.Namespace, rest: str, grpc_target: str) -> dict:
     stream = not args.no_stream
     steps, warm = [], {}
     for profile in args.profiles:
-        specs = loadgen.request_specs(args.scenes, PROFILES[profile], stream=stream)
+        images = [(path.read_bytes(), args.question[i % len(args.question)])
+                  for i, path in enumerate(args.image)]
+        specs = loadgen.request_specs(args.scenes, PROFILES[profile], stream=stream,
+                                      images=images)
         for transport in args.transports:
             make = loadgen.make_client_factory(transport, rest, grpc_target,
                                                loadgen.HttpOptions(timeout=args.timeout),

@@ -141,6 +141,9 @@ async def burst(server: LocalServer, per_transport: int,
     specs = loadgen.request_specs(per_transport, stream=False, seed=700)
     clients = [client(server, t) for t in transports for _ in range(per_transport)]
     try:
+        # Connected first, so that the burst measures the server, not HTTP/2 set-up.
+        await asyncio.gather(*(asyncio.wait_for(c.grpc.channel.channel_ready(), 30)
+                               for c in clients if c.grpc is not None))
         await asyncio.gather(*(traffic.send(c, specs[i % per_transport], RetryPolicy(1))
                                for i, c in enumerate(clients)))
     finally:
@@ -216,13 +219,24 @@ async def _wait(event: asyncio.Event, timeout: float) -> bool:
 
 
 async def baseline_latency(server: LocalServer, n: int = 2) -> float:
-    """Median end-to-end seconds of `n` sequential streamed REST requests on an idle server."""
+    """Median end-to-end seconds of `n` sequential streamed requests per transport on an idle
+    server (which also warms both transports' code paths in TorchServe's JVM)."""
     traffic = Traffic()
-    c = client(server, "rest")
-    for spec in loadgen.request_specs(n, stream=True, seed=1000):
-        await traffic.send(c, spec, PATIENT, time.perf_counter() + 120)
+    clients = [client(server, t) for t in ("rest", "grpc")]
+    try:
+        for spec in loadgen.request_specs(n, stream=True, seed=1000):
+            for c in clients:
+                await traffic.send(c, spec, PATIENT, time.perf_counter() + 120)
+    finally:
+        await close(*clients)
     lat = sorted(r.latency for r in traffic.results if r.kind == "ok")
     return lat[len(lat) // 2] if lat else 10.0
+
+
+async def warm_rejections(server: LocalServer) -> None:
+    """Two requests per transport at once: warms TorchServe's rejection path (a cold JVM path
+    on a starved CPU can take seconds the first time; measured, see docs/load.md)."""
+    await burst(server, per_transport=2)
 
 
 async def slow_clients(server: LocalServer, hold_s: float | None = None) -> Traffic:
@@ -357,7 +371,8 @@ async def kill_worker_under_load(server: LocalServer, concurrency_each: int = 1,
         for _ in range(1000):
             if time.perf_counter() >= stop["until"]:
                 break
-            await traffic.send(c, specs[i % len(specs)], PATIENT, stop["until"] + 60, rng)
+            # Rejections while the worker restarts are retried for up to 150 s (its start-up).
+            await traffic.send(c, specs[i % len(specs)], PATIENT, stop["until"] + 150, rng)
             i += 1
 
     try:
