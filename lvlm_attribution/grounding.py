@@ -169,11 +169,22 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2,
     return beta[:-1], float(beta[-1])
 
 
-def threshold_for_false_flag_rate(supported_scores: np.ndarray, rate: float) -> float:
-    """Largest threshold whose false-flag rate (fraction of supported tokens with s < thr) is
-    at most `rate`."""
+def threshold_for_false_flag_rate(supported_scores: np.ndarray, rate: float,
+                                  unsupported_scores: np.ndarray | None = None) -> float:
+    """Threshold (flag when s < thr) with a false-flag rate on `supported_scores` of at most
+    `rate`. Without `unsupported_scores`: the largest such threshold. With them: among the
+    thresholds that flag the same unsupported tokens as the largest one, the midpoint (in logit
+    space) of that interval — a margin on both sides instead of sitting on a supported token."""
     s = np.sort(np.asarray(supported_scores, dtype=np.float64))
     if s.size == 0:
         return 0.5
     k = int(math.floor(rate * s.size))  # at most k supported tokens may fall below
-    return float(s[k]) if k < s.size else float(s[-1]) + 1e-12
+    upper = float(s[k]) if k < s.size else float(s[-1]) + 1e-12
+    if unsupported_scores is None:
+        return upper
+    u = np.asarray(unsupported_scores, dtype=np.float64)
+    below = u[u < upper]
+    lower = max(float(below.max()) if below.size else 0.0, float(s[k - 1]) if k > 0 else 0.0)
+    lo, hi = np.clip([lower, upper], 1e-9, 1 - 1e-9)
+    mid = (math.log(lo / (1 - lo)) + math.log(hi / (1 - hi))) / 2
+    return float(min(max(1.0 / (1.0 + math.exp(-mid)), lower), upper))

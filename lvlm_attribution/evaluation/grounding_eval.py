@@ -222,12 +222,17 @@ def calibrate(records: Sequence[dict], target_false_flag: float = 0.03,
                         ys.append(0.0)
             w, b = fit_logistic(np.array(xs), np.array(ys), l2=l2)
             params = RuleParams(signals, tuple(round(float(v), 4) for v in w), round(b, 4), 0.5)
+            unsupported = []
             for r in records:  # threshold on world-content tokens of correct answers
                 good = to_tokens(r["correct_tokens"], subset)
                 s = support_scores(good, params)
                 support_content += [float(s[t]) for t, row in enumerate(r["correct_tokens"])
                                     if row["content"]]
-            thr = threshold_for_false_flag_rate(np.array(support_content), target_false_flag)
+                sb = support_scores(to_tokens(r["corrupted_tokens"], subset), params)
+                unsupported += [float(sb[t]) for t, row in enumerate(r["corrupted_tokens"])
+                                if row["target"]]
+            thr = threshold_for_false_flag_rate(np.array(support_content), target_false_flag,
+                                                np.array(unsupported))
             result[tuple(subset)] = RuleParams(signals, params.weights, params.bias,
                                                round(min(thr, 0.999), 4))
     return result
@@ -237,8 +242,8 @@ def calibration_literal(calib: dict[tuple[str, ...], RuleParams]) -> str:
     """Python source for grounding.CALIBRATION."""
     lines = ["CALIBRATION: dict[tuple[str, ...], RuleParams] = {"]
     for key, p in calib.items():
-        lines.append(f"    {key!r}: RuleParams({p.signals!r}, {p.weights!r}, {p.bias!r}, "
-                     f"{p.threshold!r}),")
+        lines.append(f"    {key!r}: RuleParams(\n        {p.signals!r}, {p.weights!r},\n"
+                     f"        {p.bias!r}, {p.threshold!r}),")
     lines.append("}")
     return "\n".join(lines)
 
