@@ -88,7 +88,8 @@ def environment() -> dict:
                             text=True, cwd=Path(__file__).parent).stdout.strip()
     return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit,
             "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
-            "machine": platform.machine(), "python": platform.python_version()}
+            "machine": platform.machine(), "python": platform.python_version(),
+            "loadavg_at_end": os.getloadavg()}
 
 
 async def warmup(make_client, specs, n: int) -> list[dict]:

@@ -132,6 +132,18 @@ def local_torchserve(model_overrides: Mapping[str, Any] | None = None,
                          management=f"http://127.0.0.1:{ports[1]}",
                          metrics=f"http://127.0.0.1:{ports[2]}", root=root, model_config=cfg)
     worker_pids: set[int] = set()
+    try:
+        with _started(server, root, properties, env, worker_pids) as s:
+            yield s
+    finally:
+        if own_root and not os.environ.get("LVLM_LOAD_KEEP_ROOT"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _started(server: LocalServer, root: Path, properties: Path, env: dict,
+             worker_pids: set[int]) -> Iterator[LocalServer]:
+    venv_bin = integration().VENV_BIN
     with (root / "torchserve.out").open("w") as out:
         # `torchserve --start` returns at once but Java keeps stdout open: it goes to a file.
         subprocess.run([str(venv_bin / "torchserve"), "--start", "--ncs", "--ts-config",
@@ -151,8 +163,6 @@ def local_torchserve(model_overrides: Mapping[str, Any] | None = None,
             _kill_if_alive(pid, "org.pytorch.serve")
             for p in sorted(worker_pids):
                 _kill_if_alive(p, "model_service_worker")
-    if own_root and not os.environ.get("LVLM_LOAD_KEEP_ROOT"):
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _remember_pids(server: LocalServer, pids: set[int]) -> None:
