@@ -71,11 +71,15 @@ def baseline(server) -> float:
 
 # (b) ---------------------------------------------------------------------------------------------
 
-def _assert_fast_rejections(traffic, limit_s: float) -> None:
+def _assert_fast_rejections(traffic, limit_s: float = 5.0) -> None:
+    """Refused at once: every rejection came back before the first accepted request finished
+    (no waiting for the work) and within `limit_s`."""
     rejected = [r for r in traffic.results if loadgen.is_rejection(r.kind)]
     assert rejected, f"a burst beyond capacity was not rejected at all: {traffic.summary()}"
     slowest = max(r.latency for r in rejected)
-    assert slowest < limit_s, f"a rejection took {slowest:.2f} s (limit {limit_s} s)"
+    first_ok = min(r.latency for r in traffic.results if r.kind == "ok")
+    assert slowest < min(limit_s, first_ok), \
+        f"a rejection took {slowest:.2f} s (first success {first_ok:.2f} s, limit {limit_s} s)"
     # REST says 503; TorchServe 0.12 maps "no worker" to gRPC INTERNAL (not UNAVAILABLE).
     assert {r.kind for r in rejected} <= {"http_503:no_free_worker",
                                           "grpc_INTERNAL:no_free_worker"}, traffic.summary()
@@ -89,7 +93,7 @@ def test_beyond_capacity_job_tickets_reject_at_once(server, baseline):
     ok = [r for r in traffic.results if r.kind == "ok"]
     assert 1 <= len(ok) <= 2, traffic.summary()  # one worker, one ticket (two if it freed)
     assert all(r.kind == "ok" or loadgen.is_rejection(r.kind) for r in traffic.results)
-    _assert_fast_rejections(traffic, limit_s=2.0)
+    _assert_fast_rejections(traffic)
     assert max(r.latency for r in ok) < 3 * baseline + 5  # nothing hangs
 
 
@@ -104,7 +108,7 @@ def test_beyond_capacity_small_queue_rejects_the_excess():
         ok = [r for r in traffic.results if r.kind == "ok"]
         assert 2 <= len(ok) <= 4, traffic.summary()  # in service + queued (+1 if it drained)
         assert all(r.kind == "ok" or loadgen.is_rejection(r.kind) for r in traffic.results)
-        _assert_fast_rejections(traffic, limit_s=2.0)
+        _assert_fast_rejections(traffic)
         assert max(r.latency for r in ok) < (len(ok) + 1) * (base + 1) + 5  # queued, not hung
 
 
@@ -159,7 +163,7 @@ def test_slow_clients_do_not_block_others(server, baseline):
 
 def test_worker_killed_under_load_recovers(server):
     traffic = asyncio.run(scenarios.kill_worker_under_load(server, concurrency_each=1,
-                                                           after_s=20.0))
+                                                           after_s=10.0))
     notes = traffic.notes
     record("worker_killed", traffic)
     assert "kill_error" not in notes, notes
@@ -176,4 +180,4 @@ def test_worker_killed_under_load_recovers(server):
     # ... and everything after the restart succeeded, within a bounded recovery time.
     after = [r for r in traffic.results if r.start > notes["t_ready"]]
     assert after and all(r.kind == "ok" for r in after), traffic.summary()
-    assert notes["recovery_s"] < 150, notes
+    assert notes["recovery_s"] < 180, notes
