@@ -425,7 +425,8 @@ async def http_post(url: str, body: bytes, content_type: str, opts: HttpOptions,
         try:
             await sender
         except asyncio.CancelledError:
-            pass
+            if asyncio.current_task().cancelling():
+                raise  # we are being cancelled, not just the sender
         except ConnectionError as err:
             if not status_line:
                 raise ConnectionError(f"{err} (nothing received)") from err
@@ -684,7 +685,10 @@ async def closed_loop(make_client: Callable[[], Client], specs: Sequence[Spec], 
                 i = budget["i"]
                 budget["i"] += 1
                 spec = pick(i, rng) if pick else specs[i % len(specs)]
-                results.append(await send(client, spec, t0, step.retry, deadline, rng))
+                result = await send(client, spec, t0, step.retry, deadline, rng)
+                results.append(result)
+                if is_rejection(result.kind) and step.retry.max_attempts > 1:
+                    break  # still refused when the step ended: this user is done
         finally:
             if client.grpc is not None:
                 await client.grpc.close()

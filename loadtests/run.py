@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -205,7 +206,12 @@ def run(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt  # unwinds through local_torchserve(), which stops TorchServe
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     return run(parse_args(argv))
 
 
