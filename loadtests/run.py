@@ -211,9 +211,9 @@ def _interrupt(*_: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
     return run(parse_args(argv))
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
     raise SystemExit(main())
