@@ -15,6 +15,7 @@ from lvlm_attribution.evaluation.run import (
     explain_rounds,
     format_report,
     parse_methods,
+    report_from_file,
     run_evaluation,
 )
 
@@ -72,6 +73,8 @@ def test_structure(random_llava_explainer, tmp_path):
     table = format_report(report)
     assert "| dexar:token_filter=false |" in table and "epg ↑" in table
     json.dumps(report)  # JSON-safe (no NaN / inf objects)
+    again = report_from_file(tmp_path / "e.jsonl")  # --report-only: no model needed
+    assert again["summary"] == report["summary"] and again["scenes_done"] == 3
 
 
 def test_resume_skips_done_scenes(random_llava_explainer, tmp_path, monkeypatch):

@@ -22,15 +22,24 @@ def _kinds(text: str) -> tuple[str, ...]:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from ..engine import Explainer
-    from .run import EvalConfig, format_report, parse_methods, run_evaluation
+    from .run import EvalConfig, format_report, parse_methods, report_from_file, run_evaluation
 
+    if args.report_only:
+        if not args.out:
+            print("error: --report-only needs --out", file=sys.stderr)
+            return 2
+        report = report_from_file(Path(args.out), args.scenes)
+        print(format_report(report), file=sys.stderr if args.json else sys.stdout)
+        if args.json:
+            print(json.dumps(report, indent=1))
+        return 0
     settings = json.loads(args.method_settings) if args.method_settings else {}
     try:
         parse_methods(args.methods, settings)
     except (KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cfg = EvalConfig(scenes=args.scenes, seed=args.seed, methods=args.methods,
+    cfg = EvalConfig(scenes=args.scenes or 100, seed=args.seed, methods=args.methods,
                      method_settings=settings, kinds=args.kinds, igos_scenes=args.igos_scenes,
                      steps=args.steps, batch_size=args.batch_size,
                      perturbation=not args.no_perturbation, ppl_points=args.ppl_points)
@@ -49,7 +58,8 @@ def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="attribution maps vs planted ground truth (held-out "
                        "scenes, audit mode on the correct answer)")
     p.add_argument("--model", default=str(EMBEDDED_MODEL))
-    p.add_argument("--scenes", type=int, default=100, help="total; question kinds in turn")
+    p.add_argument("--scenes", type=int, default=None,
+                   help="total, question kinds in turn (default 100; with --report-only: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="glimpse,dexar",
                    help="comma-separated; variants as name:key=value[:key=value], e.g. "
@@ -66,6 +76,9 @@ def add_evaluate(sub) -> None:
     p.add_argument("--no-perturbation", action="store_true",
                    help="skip deletion/insertion and perplexity AUC (localisation only)")
     p.add_argument("--out", default=None, help="JSON lines, one per scene; resumed if present")
+    p.add_argument("--report-only", action="store_true",
+                   help="aggregate the scenes already in --out (read-only, no model; the first "
+                        "--scenes indices)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_evaluate)

@@ -439,24 +439,49 @@ def run_evaluation(explainer: Explainer, cfg: EvalConfig, out: Path | None = Non
             handle.write(json.dumps(record) + "\n")
             handle.flush()
             records.append(record)
+    return build_report(records, {**identity, "scenes": cfg.scenes}, explainer.model_name,
+                        skipped, [float(c) for c in fill])
+
+
+def build_report(records: Sequence[dict], config: dict[str, Any], model: str, resumed: int = 0,
+                 fill: list[float] | None = None) -> dict[str, Any]:
+    """The aggregated report (summary, acceptance) of scene records under `config`."""
+    variants = parse_methods(config["methods"], config.get("method_settings"))
     labels = [v.label for v in variants] + list(REFERENCE_MAPS)
     summary = aggregate(records, labels)
+    has_igos = any(v.method == "igos" for v in variants)
     igos_done = sum(1 for r in records if r.get("igos"))
     seconds = [r["seconds"] for r in records]
     return {
-        "config": {**identity, "scenes": cfg.scenes}, "model": explainer.model_name,
-        "scenes_done": len(records), "scenes_resumed": skipped,
-        "igos_scenes": igos_done if any(v.method == "igos" for v in variants) else None,
+        "config": config, "model": model,
+        "scenes_done": len(records), "scenes_resumed": resumed,
+        "igos_scenes": igos_done if has_igos else None,
         "igos_note": (f"iGOS++ evaluated on {igos_done} of {len(records)} scenes "
-                      f"(--igos-scenes {cfg.igos_scenes})"
-                      if cfg.igos_scenes is not None and any(v.method == "igos" for v in variants)
-                      else None),
-        "fill_colour": [float(c) for c in fill],
+                      f"(--igos-scenes {config.get('igos_scenes')})"
+                      if config.get("igos_scenes") is not None and has_igos else None),
+        "fill_colour": fill,
         "seconds_per_scene": float(np.mean(seconds)) if seconds else None,
         "deletion_score": "mean probability of the content tokens (world flags); *_llr: of the "
                           "LLR-selected tokens (alpha=1)",
         "labels": labels, "summary": _clean(summary), "acceptance": acceptance(summary),
     }
+
+
+def report_from_file(path: Path, scenes: int | None = None) -> dict[str, Any]:
+    """Aggregate a (possibly still growing) --out file without a model: read-only, torn lines
+    skipped; `scenes` keeps only indices below it."""
+    lines = Path(path).read_text().splitlines()
+    header = json.loads(lines[0])
+    records = []
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("type") == "scene" and (scenes is None or rec["index"] < scenes):
+            records.append(rec)
+    config = {**header["config"], "scenes": len(records)}
+    return build_report(records, config, "from " + str(path))
 
 
 class _NullWriter:
