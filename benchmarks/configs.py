@@ -100,6 +100,7 @@ class Scenario:
     answer_tokens: int  # T, teacher-forced (and generated with min_new_tokens = T)
     measurements: tuple[str, ...]
     repeats: int = 3  # k timed runs after warm-up; median reported
+    warmup: int = 1  # untimed runs first (capped at this; references run cold, see notes)
     batch_requests: int = 8  # B for the monitoring-throughput measurement
     glimpse_chunk: int = 8  # token_chunk of the full GLIMPSE path
     replay_chunk: int = 4  # token_chunk of GLIMPSE replay
@@ -147,7 +148,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              description="LLaVA-1.5-7B with a 672 px CLIP (2304 visual tokens), N ~ 2,375"),
     Scenario("llava7b-966", "llava", "7b", "cuda", "bfloat16", (966, 966), 25, 40,
              ("forward", "dexar.fast", "glimpse.replay", "glimpse.fast", "rollout.fast"),
-             repeats=1, glimpse_chunk=1, replay_chunk=1, extra={"vision_image_size": 966},
+             repeats=1, warmup=0, glimpse_chunk=1, replay_chunk=2,
+             extra={"vision_image_size": 966},
              description="LLaVA-1.5-7B with a 966 px CLIP (4761 visual tokens), N ~ 4,830: "
                          "GLIMPSE memory"),
     Scenario("qwen25vl7b-2k", "qwen2_5_vl", "7b", "cuda", "bfloat16", (1344, 1344), 25, 40,

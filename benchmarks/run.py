@@ -90,7 +90,8 @@ class Bench:
 
     def timed(self, name, fn, *, warmup=1, repeats=None, scale=1.0, note="", info=None):
         return self.meter.run(name, fn, repeats=self.s.repeats if repeats is None else repeats,
-                              warmup=warmup, scale=scale, note=note, info=info)
+                              warmup=min(warmup, self.s.warmup), scale=scale, note=note,
+                              info=info)
 
 
 # ---- measurements -------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def m_dexar_reference(b: Bench) -> Result:
     pairs = len(ctx.answer_ids) * len(layers)
     scale = b.T * b.L / pairs
     return b.timed("dexar.reference", lambda: reference_lens_gradients(ctx, layers),
-                   warmup=0, repeats=1, scale=scale,
+                   warmup=1, repeats=1, scale=scale,
                    note=f"per (token, layer) forward+backward: {pairs} pairs measured, "
                         f"x{scale:g} to T*L")
 
@@ -160,7 +161,7 @@ def official_per_token(ctx: AttributionContext, tokens: range) -> None:
 def m_dexar_per_token(b: Bench) -> Result:
     n = min(b.s.ref_tokens, b.T)
     return b.timed("dexar.per_token", lambda: official_per_token(b.ctx, range(n)),
-                   warmup=1 if b.s.size != "7b" else 0, repeats=1, scale=b.T / n,
+                   warmup=1, repeats=1, scale=b.T / n,
                    note=f"official-style: 1 forward+backward per token (cost only); {n} tokens "
                         f"measured, x{b.T / n:g}")
 
@@ -186,7 +187,7 @@ def m_glimpse_reference(b: Bench) -> Result:
     ctx = b.ref_context()
     n = len(ctx.answer_ids)
     return b.timed("glimpse.reference", lambda: reference_glimpse(ctx, GlimpseConfig()),
-                   warmup=0, repeats=1, scale=b.T / n,
+                   warmup=1, repeats=1, scale=b.T / n,
                    note=f"reference_glimpse (per token forward+backward, fp64, loops): {n} "
                         f"tokens measured, x{b.T / n:g}")
 
@@ -201,7 +202,7 @@ def m_tmme_reference(b: Bench) -> Result:
     ctx = b.ref_context()
     n = len(ctx.answer_ids)
     return b.timed("tmme.reference", lambda: reference_tmme(ctx, TmmeConfig()),
-                   warmup=0, repeats=1, scale=b.T / n,
+                   warmup=1, repeats=1, scale=b.T / n,
                    note=f"reference_tmme (per token forward+backward, full NxN R): {n} tokens "
                         f"measured, x{b.T / n:g}")
 
@@ -233,7 +234,8 @@ def m_igos_fast(b: Bench) -> Result:
         return {"passes": out.extras.get("passes"),
                 "selected": out.extras["token_selection"]["selected"]}
     return b.timed("igos.fast", lambda: get_method("igos").attribute(b.ctx, cfg), info=info,
-                   warmup=1 if b.s.size != "7b" else 0, repeats=min(b.s.repeats, 2),
+                   warmup=1 if b.s.size != "7b" else 0,
+                   repeats=1 if b.s.size == "7b" else b.s.repeats,
                    note=f"{cfg.iterations} iterations x {2 * cfg.ig_iter} interpolants, "
                         f"{cfg.batch_size} images per forward/backward, LLR cached")
 
@@ -245,7 +247,7 @@ def m_igos_reference(b: Bench) -> Result:
     scale = full.iterations * full.ig_iter
     return b.timed("igos.reference",
                    lambda: reference_igos(b.ctx, cfg, positions=selection.selected),
-                   warmup=0, repeats=1, scale=scale,
+                   warmup=1, repeats=1, scale=scale,
                    note=f"official procedure (1 image per forward+backward): 1 iteration x 1 "
                         f"interpolant pair measured, x{scale} ({full.iterations} x "
                         f"{full.ig_iter} pairs)")
@@ -312,6 +314,7 @@ def environment() -> dict:
            "transformers": transformers.__version__, "platform": platform.platform(),
            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
            "cuda": torch.cuda.is_available(), "command": " ".join(sys.argv),
+           "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -360,7 +363,7 @@ def run_scenario(scenario: Scenario, report: Report, deadline: float | None,
         g = entry["geometry"]
         print(f"[bench] {scenario.name}: N={g['seq_len']} T={g['answer_tokens']} "
               f"visual={g['visual_tokens']} L={g['decoder_layers']} "
-              f"params={g['parameters'] / 1e9:.2f}B built in {entry['build_s']}s", flush=True)
+              f"params={g['parameters'] / 1e6:.1f}M built in {entry['build_s']}s", flush=True)
     forward = None
     for name in scenario.measurements:
         if only and name not in only:
@@ -418,7 +421,8 @@ def _cells(scenario: str, r: dict) -> list[str]:
 def table(data: dict, markdown: bool = True) -> str:
     lines = []
     env = data.get("environment", {})
-    lines.append(f"device: {env.get('gpu') or platform.processor() or 'cpu'}; torch "
+    lines.append(f"device: {env.get('gpu') or 'cpu'} ({env.get('cpu_count')} CPUs, "
+                 f"{env.get('threads')} torch threads, load {env.get('load_average')}); torch "
                  f"{env.get('torch')}, transformers {env.get('transformers')}")
     for name, entry in data.get("scenarios", {}).items():
         g = entry.get("geometry") or {}
@@ -454,6 +458,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="decoder depth override")
     p.add_argument("--vision-layers", type=int, default=None, help="vision depth override")
     p.add_argument("--answer-tokens", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None, help="square test image side (px)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is steadier on a shared, loaded CPU)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new measurement after this many seconds ('gpu': 540)")
     return p.parse_args(argv)
@@ -464,6 +471,8 @@ def main(argv=None) -> int:
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.scenario:
         print("give --scenario (or --table)", file=sys.stderr)
         return 2
@@ -480,7 +489,8 @@ def main(argv=None) -> int:
     for name in names:
         scenario = SCENARIOS[name].with_overrides(
             repeats=args.repeats, device=args.device, dtype=args.dtype, layers=args.layers,
-            vision_layers=args.vision_layers, answer_tokens=args.answer_tokens)
+            vision_layers=args.vision_layers, answer_tokens=args.answer_tokens,
+            image_size=(args.image_size, args.image_size) if args.image_size else None)
         if scenario.device == "cuda" and not torch.cuda.is_available():
             report.scenario(name, {"scenario": name, "status": "skipped",
                                    "error": "no CUDA device", "results": []})
