@@ -44,6 +44,11 @@ class AttributionContext:
         raw = self.adapter.teacher_forced_inputs(self.prompt, self.answer_ids)
         return {k: v.to(self.device) for k, v in raw.items()}
 
+    @cached_property
+    def image_tensor(self) -> torch.Tensor:
+        """The image as processed pixels (1, C, H, W), whatever the family's input layout."""
+        return self.adapter.image_tensor(self.inputs)
+
     @property
     def seq_len(self) -> int:
         return int(self.inputs["input_ids"].shape[1])

@@ -58,7 +58,7 @@ def llr_logprobs(ctx: AttributionContext, baseline: str = "blur",
     """(ln p(y_t|I), ln p(y_t|Ĩ)), each (T,) fp32, from one batched forward; cached on ctx."""
     key = ("llr_logprobs", baseline, seed)
     if key not in ctx._cache:
-        pv = ctx.inputs["pixel_values"]
+        pv = ctx.image_tensor
         batch = torch.cat([pv, baseline_pixel_values(ctx, baseline, seed).to(pv.dtype)])
         with torch.no_grad():
             logp = answer_logprobs(ctx, batch)

@@ -10,9 +10,10 @@ Notation (DESIGN §3, papers 002/003):
 Compositing happens in processed pixel space. That is exact for LLaVA-style processors: resize,
 rescale and normalize are linear maps applied channel-wise, so processing a pixel-space composite
 equals compositing the processed images (up to the processor's uint8 rounding of resized images).
-Families whose processor flattens patches (Qwen2.5-VL: pixel_values (num_patches, C·T·P·P)) need
-an adapter override mapping a (H, W) mask onto the flattened patches; `composite` refuses
-non-(B, C, H, W) pixel values rather than silently mis-compositing.
+Families whose processor flattens patches (Qwen2.5-VL: pixel_values (num_patches, C·T·P·P)) are
+handled by the adapter: `adapter.image_tensor` turns their inputs into (B, C, H, W) processed
+pixels and `adapter.image_entries` turns a batch back (exact re-arrangements); `composite` refuses
+anything but (B, C, H, W) rather than silently mis-compositing.
 
 Blur baseline: the official code (bytedance/LVLM_Interpretation, `cv2.GaussianBlur`) picks the
 kernel size by image width (101 / 201 / 301 / 501 for width < 500 / ≥ 500 / ≥ 800 / ≥ 2000) and
@@ -169,15 +170,14 @@ def baseline_pixel_values(ctx: AttributionContext, kind: str = "blur",
     key = ("baseline_pixels", kind, seed)
     if key not in ctx._cache:
         baseline = make_baseline(source_image(ctx), kind, seed)
-        ctx._cache[key] = image_inputs_for(ctx, baseline)["pixel_values"]
+        ctx._cache[key] = ctx.adapter.image_tensor(image_inputs_for(ctx, baseline))
     return ctx._cache[key]
 
 
 def composite(pv: torch.Tensor, pv_base: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """φ(M) = pv·M + pṽ·(1 − M); mask (B, 1, H, W) broadcast over channels (Eq 7)."""
     if pv.dim() != 4:
-        raise NotImplementedError("compositing needs (B, C, H, W) pixel values; flattened-patch "
-                                  "families (Qwen2.5-VL) need an adapter override")
+        raise ValueError("compositing needs (B, C, H, W) processed pixels (adapter.image_tensor)")
     return pv * mask + pv_base * (1 - mask)
 
 
@@ -188,7 +188,7 @@ def batched_inputs(ctx: AttributionContext, pixel_values: torch.Tensor) -> dict[
     image_keys = set(ctx.adapter.image_inputs(ctx.inputs))
     inputs = {k: v.expand(batch, *v.shape[1:]) for k, v in ctx.inputs.items()
               if k not in image_keys}
-    inputs["pixel_values"] = pixel_values.to(ctx.inputs["pixel_values"].dtype)
+    inputs.update(ctx.adapter.image_entries(pixel_values.to(ctx.inputs["pixel_values"].dtype)))
     return inputs
 
 

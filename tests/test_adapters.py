@@ -319,3 +319,19 @@ def test_qwen_patch_layout_round_trip(explainer, image):
     single = _logits(explainer.model, prompt.model_inputs)
     assert (batched[0] - single[0]).abs().max() <= EXACT
     assert (batched[1] - single[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "paligemma"])
+def test_perturbation_methods_run_on_every_family(family):
+    """LLR (every request) and iGOS++ composite in processed pixel space via the adapter."""
+    from lvlm_attribution.models.tiny import build_tiny
+    from lvlm_attribution.world.scenes import generate
+
+    model, processor = build_tiny(family)
+    explainer = Explainer(model, processor, f"tiny-{family}", "random")
+    image = Image.fromarray(generate(4).image).resize((56, 42))
+    options = ExplainOptions(methods=("igos",), method_settings={"igos": {"iterations": 1,
+                                                                          "ig_iter": 2}})
+    result = explainer.explain(image, QUESTION, answer="the square is red", options=options)
+    assert all(t.llr is not None and np.isfinite(t.llr) for t in result.tokens)
+    assert np.isfinite(result.methods["igos"].visual_map).all()

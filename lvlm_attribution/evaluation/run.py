@@ -210,8 +210,8 @@ class CachedScorer:
         pending = list(todo.items())
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start:start + self.batch_size]
-            pv = torch.cat([image_inputs_for(self.ctx, Image.fromarray(im))["pixel_values"]
-                            for _, im in chunk])
+            pv = torch.cat([self.ctx.adapter.image_tensor(
+                image_inputs_for(self.ctx, Image.fromarray(im))) for _, im in chunk])
             with torch.no_grad():
                 lp = answer_logprobs(self.ctx, pv).double().cpu().numpy()
             self.forwards += 1

@@ -52,8 +52,8 @@ def lens_gradients(ctx: AttributionContext, layers: list[int]) -> torch.Tensor:
     spec = CaptureSpec(layers=layers, rows=ctx.predict_rows, layer_outputs=True,
                        detach_layer_inputs=True)
     _, captured = ctx.forward(spec, check=True)
-    total = sum(ctx.lens_target_logits(captured.layer_outputs[l]).sum() for l in layers)
-    probs = [captured.probs[l] for l in layers]
+    total = sum(ctx.lens_target_logits(captured.layer_outputs[layer]).sum() for layer in layers)
+    probs = [captured.probs[layer] for layer in layers]
     grads = torch.autograd.grad(total, probs)
     return torch.stack([g[0] for g in grads]).float()
 

@@ -163,7 +163,7 @@ def saliency_to_grid(saliency: torch.Tensor, size: tuple[int, int],
 def igos_mask(ctx: AttributionContext, cfg: IgosConfig, positions: list[int],
               pv_base: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
     """Optimize M; per iteration one batched forward/backward over all 2N interpolants."""
-    pv = ctx.inputs["pixel_values"].float()
+    pv = ctx.image_tensor.float()
     pv_base = pv_base.float()
     size = tuple(pv.shape[-2:])
     n = cfg.ig_iter
@@ -222,7 +222,7 @@ def reference_igos(ctx: AttributionContext, cfg: IgosConfig, positions: list[int
                                        cfg.seed)[0].selected
     if pv_base is None:
         pv_base = baseline_pixel_values(ctx, cfg.baseline, cfg.seed)
-    pv = ctx.inputs["pixel_values"][0].float()
+    pv = ctx.image_tensor[0].float()
     base = pv_base[0].float()
     size = tuple(pv.shape[-2:])
     n = cfg.ig_iter
@@ -264,7 +264,7 @@ def attribute(ctx: AttributionContext, cfg: IgosConfig) -> MethodOutput:
     pv_base = baseline_pixel_values(ctx, cfg.baseline, cfg.seed)
     mask, history = igos_mask(ctx, cfg, selection.selected, pv_base)
     saliency = (1 - mask)[0, 0]
-    size = tuple(ctx.inputs["pixel_values"].shape[-2:])
+    size = tuple(ctx.image_tensor.shape[-2:])
     visual = saliency_to_grid(saliency, size, ctx.grid)
     selected = torch.zeros(ctx.num_answer_tokens)
     selected[selection.selected] = 1.0

@@ -98,6 +98,14 @@ class ModelAdapter:
         """The entries that carry the image (replaced when perturbing the image)."""
         return {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
 
+    def image_tensor(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The image as processed pixels (B, C, H, W): the space perturbations work in."""
+        return inputs["pixel_values"]
+
+    def image_entries(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inverse of `image_tensor`: model inputs carrying a batch of processed images."""
+        return {"pixel_values": images}
+
     # ---- helpers for subclasses ------------------------------------------------------------------
     def locate_question(self, input_ids: torch.Tensor, question: str) -> torch.Tensor:
         """Positions of the question's tokens inside the prompt (last occurrence)."""

@@ -120,6 +120,13 @@ class Qwen2_5_VLAdapter(ModelAdapter):  # noqa: N801  (the transformers class sp
         grid = torch.tensor([[1, h, w]] * batch, dtype=torch.long, device=images.device)
         return pixel_values, grid
 
+    def image_tensor(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.patches_to_images(inputs["pixel_values"], inputs["image_grid_thw"])
+
+    def image_entries(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        pixel_values, grid = self.images_to_patches(images)
+        return {"pixel_values": pixel_values, "image_grid_thw": grid}
+
     def _check_visual_block(self, ids: torch.Tensor, visual: torch.Tensor,
                             grid: tuple[int, int]) -> None:
         config = self.model.config
