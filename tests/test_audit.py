@@ -332,3 +332,37 @@ def test_reports_render_in_headless_chromium(audited, chromium, tmp_path):
         assert row["id"] in index.text  # escaped user text comes back as text, not markup
     assert "script" not in item.tags and "img" not in index.tags - {"thumb"}
     shutil.rmtree(tmp_path / "ud-item", ignore_errors=True)
+
+
+def test_busy_service_is_retried_other_refusals_are_not():
+    """TorchServe with job tickets answers 503 at once when no worker is free: retried with
+    backoff; a 400 is the item's error at once."""
+    from lvlm_attribution.client import ServiceCallError
+
+    class Busy:
+        def __init__(self, failures):
+            self.failures, self.calls = list(failures), 0
+
+        def explain(self, request):
+            self.calls += 1
+            if self.failures:
+                raise self.failures.pop(0)
+            return "response"
+
+        def close(self):
+            pass
+
+    busy = Busy([ServiceCallError(503, "Model \"lvlm\" has no worker to serve inference"),
+                 ServiceCallError("INTERNAL", "Model lvlm has no worker to serve inference"),
+                 ServiceCallError("UNAVAILABLE", "connection reset")])
+    backend = ServiceBackend("http://fake:8080", client=busy, busy_retry_s=30)
+    assert backend._call(object()) == "response" and busy.calls == 4
+    assert backend.busy_retries == 3
+    refused = Busy([ServiceCallError(400, "question: must not be empty")])
+    with pytest.raises(ServiceCallError):
+        ServiceBackend("http://fake:8080", client=refused)._call(object())
+    assert refused.calls == 1
+    gives_up = Busy([ServiceCallError(503, "busy")] * 100)
+    with pytest.raises(ServiceCallError):
+        ServiceBackend("http://fake:8080", client=gives_up, busy_retry_s=0.5)._call(object())
+    assert 1 < gives_up.calls < 10

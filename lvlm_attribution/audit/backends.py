@@ -6,13 +6,17 @@
   picture and the HTML of other items proceed in the other workers.
 - `ServiceBackend` sends the item to a running service with the typed client
   (`lvlm_attribution.client`, REST or gRPC); requests run in parallel, one per worker thread.
+  A busy service (HTTP 503 / no free worker: TorchServe with job tickets refuses at once rather
+  than queueing) is retried with backoff; any other refusal is the item's error.
 
 Both return the same `ItemRecord`; failures are `ItemError` with a kind and the server's message.
 """
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,13 +112,34 @@ class ServiceBackend:
     """The running service through the typed client; `client` may be injected (tests)."""
 
     def __init__(self, url: str, methods: Sequence[str] = (), model: str = "lvlm",
-                 timeout: float = 300.0, client: Any = None) -> None:
+                 timeout: float = 300.0, client: Any = None, busy_retry_s: float = 600.0
+                 ) -> None:
         from ..client import connect
 
         self.url = url
         self.methods = tuple(methods)
         self.client = client if client is not None else connect(url, model, timeout)
         self.name = url
+        self.busy_retry_s = busy_retry_s
+        self.busy_retries = 0  # how many times a busy service was asked again (all items)
+
+    def _call(self, request):
+        """One request; a busy service (TorchServe with job tickets answers HTTP 503 at once
+        when no worker is free, gRPC INTERNAL "...no worker...", or UNAVAILABLE) is asked again
+        with jittered exponential backoff for up to `busy_retry_s` seconds."""
+        from ..client import ServiceCallError
+
+        deadline = time.monotonic() + self.busy_retry_s
+        delay = 0.2
+        while True:
+            try:
+                return self.client.explain(request)
+            except ServiceCallError as err:
+                if not _busy(err) or time.monotonic() + delay > deadline:
+                    raise
+            self.busy_retries += 1
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 5.0)
 
     def explain(self, item: AuditItem, image: Image.Image, data: bytes) -> ItemRecord:
         from google.protobuf import json_format
@@ -124,7 +149,7 @@ class ServiceBackend:
         request = make_request(data, item.question, item.answer, methods=self.methods,
                                encoding="f16_zlib", request_id=item.id[:128])
         try:
-            resp = self.client.explain(request)
+            resp = self._call(request)
         except ServiceCallError as err:
             status = f"HTTP {err.status}" if isinstance(err.status, int) else str(err.status)
             raise ItemError("service", f"{status}: {err.message}") from None
@@ -152,6 +177,12 @@ class ServiceBackend:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _busy(err: Any) -> bool:
+    message = str(getattr(err, "message", "")).lower()
+    return (err.status in (503, "UNAVAILABLE")
+            or (err.status == "INTERNAL" and "no worker" in message))
 
 
 def _jsonable(value: Any) -> Any:

@@ -22,7 +22,7 @@ def run_audit_command(args: argparse.Namespace) -> int:
     methods = tuple(m for m in (args.methods or "").split(",") if m)
     if args.url:
         backend = ServiceBackend(args.url, methods, model=args.service_model,
-                                 timeout=args.timeout)
+                                 timeout=args.timeout, busy_retry_s=args.busy_retry_s)
     else:
         backend = LocalBackend.from_model_dir(args.model or DEFAULT_MODEL,
                                               methods or ("glimpse", "dexar"),
@@ -35,6 +35,9 @@ def run_audit_command(args: argparse.Namespace) -> int:
         return 130
     finally:
         backend.close()
+    if getattr(backend, "busy_retries", 0):
+        _log(f"audit: the service was busy {backend.busy_retries} times (retried with backoff); "
+             "--concurrency above its free workers only queues in this client")
     out = Path(args.out)
     print(json.dumps({"index": str(out / "index.html"), "summary": str(out / "summary.json"),
                       "n_items": summary["n_items"], "n_ok": summary["n_ok"],
@@ -61,6 +64,9 @@ def add_audit(sub) -> None:
                    help="parallel requests (--url); local: workers sharing the model under a lock")
     p.add_argument("--service-model", default="lvlm", help="TorchServe model name (--url)")
     p.add_argument("--timeout", type=float, default=300.0, help="per request, seconds (--url)")
+    p.add_argument("--busy-retry-s", type=float, default=600.0,
+                   help="per item, keep retrying a busy service (HTTP 503, no free worker) "
+                   "with backoff for this long (--url)")
     p.add_argument("--device", default="cpu", help="local model device")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_audit_command)
