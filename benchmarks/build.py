@@ -210,7 +210,9 @@ def _embedded(device: str, dtype: str) -> tuple[Explainer, str]:
     for path in ([Path(override)] if override else []) + list(EMBEDDED_CANDIDATES):
         if (path / "config.json").is_file():
             try:
-                return Explainer.from_pretrained(path, device=device, dtype=dtype), str(path)
+                explainer = Explainer.from_pretrained(path, device=device, dtype=dtype)
+                return explainer, (str(path.relative_to(ROOT)) if path.is_relative_to(ROOT)
+                                   else str(path))
             except Exception as err:  # noqa: BLE001  (a checkpoint being written, say)
                 print(f"[bench] cannot load {path}: {err}; trying the next source")
     from lvlm_attribution.world.embedded_model import build_model

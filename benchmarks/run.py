@@ -422,7 +422,8 @@ def table(data: dict, markdown: bool = True) -> str:
     lines = []
     env = data.get("environment", {})
     lines.append(f"device: {env.get('gpu') or 'cpu'} ({env.get('cpu_count')} CPUs, "
-                 f"{env.get('threads')} torch threads, load {env.get('load_average')}); torch "
+                 f"{env.get('threads')} torch threads, load average "
+                 f"{[round(x, 1) for x in env.get('load_average') or []]}); torch "
                  f"{env.get('torch')}, transformers {env.get('transformers')}")
     for name, entry in data.get("scenarios", {}).items():
         g = entry.get("geometry") or {}
@@ -459,6 +460,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--vision-layers", type=int, default=None, help="vision depth override")
     p.add_argument("--answer-tokens", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None, help="square test image side (px)")
+    p.add_argument("--batch-requests", type=int, default=None, help="B for batch.*")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is steadier on a shared, loaded CPU)")
     p.add_argument("--budget-s", type=float, default=None,
@@ -490,7 +492,8 @@ def main(argv=None) -> int:
         scenario = SCENARIOS[name].with_overrides(
             repeats=args.repeats, device=args.device, dtype=args.dtype, layers=args.layers,
             vision_layers=args.vision_layers, answer_tokens=args.answer_tokens,
-            image_size=(args.image_size, args.image_size) if args.image_size else None)
+            image_size=(args.image_size, args.image_size) if args.image_size else None,
+            batch_requests=args.batch_requests)
         if scenario.device == "cuda" and not torch.cuda.is_available():
             report.scenario(name, {"scenario": name, "status": "skipped",
                                    "error": "no CUDA device", "results": []})

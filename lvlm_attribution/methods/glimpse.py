@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..capture import CaptureSpec, capture
-from ..context import AttributionContext
+from ..context import GUARD_TOLERANCE, AttributionContext
 from ..schema import MethodOutput
 from .registry import register_method, settings_dict
 
@@ -299,7 +299,8 @@ def relevance_rows_replay(ctx: AttributionContext, cfg: GlimpseConfig):
         z = ctx.logit_lens(top).gather(1, ctx.answer_ids_tensor[:, None])[:, 0]
         (top_grad,) = torch.autograd.grad(z.sum(), top)  # row t: dz_t/dh (rows independent)
     expected = ctx.plain_logits.gather(1, ctx.answer_ids_tensor[:, None])[:, 0]
-    if (z.detach().float() - expected).abs().max() > 1e-3 * (1 + expected.abs().max()):
+    tolerance = GUARD_TOLERANCE.get(top.dtype, 1e-3) * max(1.0, float(expected.abs().max()))
+    if float((z.detach().float() - expected).abs().max()) > tolerance:
         raise RuntimeError("final norm + LM head do not reproduce the model's logits")
     prior = depth_prior(layers, ctx.adapter.num_layers, cfg).to(z.device)
     num_tokens, n = ctx.num_answer_tokens, ctx.seq_len
