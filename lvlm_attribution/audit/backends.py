@@ -125,7 +125,7 @@ class ServiceBackend:
 
     def _call(self, request):
         """One request; a busy service (TorchServe with job tickets answers HTTP 503 at once
-        when no worker is free, gRPC INTERNAL "...no worker...", or UNAVAILABLE) is asked again
+        when no worker is free, gRPC INTERNAL "...no worker...") is asked again
         with jittered exponential backoff for up to `busy_retry_s` seconds."""
         from ..client import ServiceCallError
 
@@ -152,7 +152,8 @@ class ServiceBackend:
             resp = self._call(request)
         except ServiceCallError as err:
             status = f"HTTP {err.status}" if isinstance(err.status, int) else str(err.status)
-            raise ItemError("service", f"{status}: {err.message}") from None
+            kind = "service_unreachable" if err.status == "UNAVAILABLE" else "service"
+            raise ItemError(kind, f"{status}: {err.message}") from None
         except OSError as err:  # connection refused, timeout, reset
             raise ItemError("service_unreachable", f"{self.url}: {err}") from None
         tokens = [TokenRecord(int(t.index), t.text, float(t.probability),
@@ -181,8 +182,8 @@ class ServiceBackend:
 
 def _busy(err: Any) -> bool:
     message = str(getattr(err, "message", "")).lower()
-    return (err.status in (503, "UNAVAILABLE")
-            or (err.status == "INTERNAL" and "no worker" in message))
+    # gRPC UNAVAILABLE is not "busy": it is what an unreachable server gives (no retry loop).
+    return err.status == 503 or (err.status == "INTERNAL" and "no worker" in message)
 
 
 def _jsonable(value: Any) -> Any:
