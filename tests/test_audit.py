@@ -200,7 +200,7 @@ def test_service_backend_returns_the_same_record(random_llava_explainer, audited
     assert remote["scoreSource"] == local["scoreSource"]
 
 
-def test_resume_skips_complete_items(audited, random_llava_explainer):
+def test_resume_skips_complete_items(audited, random_llava_explainer, tmp_path):
     folder, jsonl, out, first, _ = audited
     again = CountingBackend(LocalBackend(random_llava_explainer, METHODS))
     summary = run_audit(jsonl, out, again, concurrency=1, progress=False)
@@ -212,6 +212,13 @@ def test_resume_skips_complete_items(audited, random_llava_explainer):
     leftover.write_text("{")  # a torn temporary file is ignored
     summary = run_audit(jsonl, out, again, concurrency=1, progress=False)
     assert again.calls == 1 and summary["n_resumed"] == 3 and summary["n_ok"] == 4
+    # other methods than the stored ones: explained again, not resumed (on a copy)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    other = CountingBackend(LocalBackend(random_llava_explainer, ("dexar",)))
+    other.methods = ("dexar",)
+    summary = run_audit(jsonl, copy, other, concurrency=2, progress=False)
+    assert other.calls == 4 and summary["n_resumed"] == 0 and summary["methods"] == ["dexar"]
 
 
 def test_auroc_and_sample_builder(tmp_path):

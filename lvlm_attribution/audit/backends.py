@@ -65,6 +65,7 @@ class LocalBackend:
         self.methods = tuple(methods) or ("glimpse", "dexar")
         self.lock = threading.Lock()
         self.name = "local"
+        self.model_version = getattr(explainer, "model_version", None)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, methods: Sequence[str] = ("glimpse", "dexar"),

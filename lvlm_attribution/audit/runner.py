@@ -135,10 +135,25 @@ def _load_done(folder: Path) -> dict[str, Any] | None:
     return stored
 
 
+def _still_valid(stored: dict[str, Any], item: AuditItem, backend: Backend) -> bool:
+    """A stored result is reused only for the same question and answer, the same methods (when
+    the backend names them) and the same model version (when the backend knows it before
+    asking)."""
+    record = stored.get("record", {})
+    if (stored.get("item", {}).get("answer"), stored.get("item", {}).get("question")) != \
+            (item.answer, item.question):
+        return False
+    methods = tuple(getattr(backend, "methods", ()) or ())
+    if methods and tuple(record.get("maps", {})) != methods:
+        return False
+    version = getattr(backend, "model_version", None)
+    return not version or record.get("model", {}).get("version") == version
+
+
 def _explain_item(item: AuditItem, backend: Backend, out: Path) -> dict[str, Any]:
     folder = out / "items" / item_dir_name(item.id)
     stored = _load_done(folder)
-    if stored is not None and stored.get("item", {}).get("answer") == item.answer:
+    if stored is not None and _still_valid(stored, item, backend):
         return {"item": item, "record": ItemRecord.from_dict(stored["record"]),
                 "status": "resumed", "total_s": stored.get("total_s")}
     try:
