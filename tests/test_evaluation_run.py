@@ -67,7 +67,7 @@ def test_structure(random_llava_explainer, tmp_path):
     assert summary["all"]["scenes"] == 3 and summary["color"]["scenes"] == 2
     row = summary["all"]["maps"]["dexar"]
     assert set(row) - {"scenes"} <= set(METRICS)
-    assert {"mean", "low", "high", "n", "n_nan", "n_inf"} == set(row["epg"])
+    assert {"mean", "low", "high", "median", "n", "n_nan", "n_inf"} == set(row["epg"])
     assert set(report["acceptance"]) == {"dexar"}
     assert report["scenes_done"] == 3 and report["scenes_resumed"] == 0
     table = format_report(report)

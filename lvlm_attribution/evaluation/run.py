@@ -370,7 +370,8 @@ def _stat(values: Sequence[float]) -> dict[str, Any]:
     arr = np.asarray(values, dtype=np.float64)
     finite = arr[np.isfinite(arr)]
     mean, low, high = mean_ci95(finite)
-    return {"mean": mean, "low": low, "high": high, "n": int(finite.size),
+    median = float(np.median(finite)) if finite.size else float("nan")
+    return {"mean": mean, "low": low, "high": high, "median": median, "n": int(finite.size),
             "n_nan": int(np.isnan(arr).sum()), "n_inf": int(np.isinf(arr).sum())}
 
 
