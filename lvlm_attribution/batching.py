@@ -130,13 +130,17 @@ def _union_rows(contexts: Sequence[AttributionContext]) -> tuple[torch.Tensor, l
 def batched_plain_and_llr(contexts: Sequence[AttributionContext], pad_id: int) -> None:
     """One forward over [requests | their blurred baselines]; fills each context's plain logits
     (p_t, capture guard) and LLR cache, exactly what the single-request forwards would."""
-    model = contexts[0].model
+    model, adapter = contexts[0].model, contexts[0].adapter
     text = pad_inputs([c.inputs for c in contexts], pad_id, "right")
-    batch = {k: torch.cat([v, v]) for k, v in text.items()}  # image_grid_thw etc. twice
-    originals = [c.inputs["pixel_values"] for c in contexts]
+    image_keys = set(adapter.image_inputs(text))
+    batch = {k: torch.cat([v, v]) for k, v in text.items() if k not in image_keys}
+    # Images as the perturbation code sees them (processed (1, C, H, W) each; the adapter maps
+    # them back to its own entries, e.g. Qwen2.5-VL patches + grid), exactly as `llr_logprobs`.
+    originals = [c.image_tensor for c in contexts]
     baselines = [baseline_pixel_values(c, LLR_BASELINE, LLR_SEED).to(p.dtype)
                  for c, p in zip(contexts, originals, strict=True)]
-    batch["pixel_values"] = torch.cat([*originals, *baselines])
+    images = torch.cat([*originals, *baselines])
+    batch.update(adapter.image_entries(images.to(contexts[0].inputs["pixel_values"].dtype)))
     union, where = _union_rows(contexts)
     logits = model(**batch, logits_to_keep=union, use_cache=False).logits.float()
     logp = torch.log_softmax(logits, dim=-1)
@@ -196,8 +200,8 @@ def explain_batch(explainer, items: Sequence, options: ExplainOptions | None = N
                   ) -> list[Explanation]:
     """`Explainer.explain` for every item, with generation, the plain/LLR forward and DEX-AR
     batched across items. Items: `BatchItem`s, dicts of its fields, or (image, question[,
-    answer]) tuples. Timings are the batch's (the same dict on every explanation, plus
-    "batch_size")."""
+    answer]) tuples. Timings are the whole batch's stage times (the same values on every
+    explanation)."""
     from .engine import InvalidInput, _timed  # the engine imports this module lazily
 
     options = options or ExplainOptions()
@@ -251,7 +255,6 @@ def explain_batch(explainer, items: Sequence, options: ExplainOptions | None = N
         if not options.per_token_maps:
             for out in outputs:
                 out[name].per_token_maps = None
-    timings["batch_size"] = float(len(items))
     return [
         Explanation(
             answer=explainer.decode(a), answer_token_ids=a,

@@ -116,9 +116,8 @@ def test_batch_mixed_modes_on_the_embedded_architecture(random_llava_explainer):
 
 
 def test_batch_stages_equal_single_qwen():
-    """Qwen2.5-VL: mrope positions from the padded attention mask, patch tensors concatenated.
-    Stage by stage (generation, plain logits, DEX-AR gradients): the engine's single-request
-    LLR path does not run on Qwen yet (its blurred forward drops image_grid_thw)."""
+    """Qwen2.5-VL: mrope positions from the padded attention mask, patch tensors concatenated;
+    stage by stage (generation, plain logits, DEX-AR gradients), then end to end."""
     model, processor = build_tiny("qwen2_5_vl")
     explainer = Explainer(model, processor, "tiny-qwen", "random")
     questions = ["what color is the circle", "where is it", "how many objects are there"]
@@ -135,6 +134,16 @@ def test_batch_stages_equal_single_qwen():
     for ctx, single, g in zip(contexts, singles, grads, strict=True):
         torch.testing.assert_close(ctx.plain_logits, single.plain_logits, atol=TOL, rtol=0)
         torch.testing.assert_close(g, lens_gradients(single, [0, 1]), atol=TOL, rtol=0)
+    # End to end, generate and audit modes: every field equals `explain` alone.
+    items = [BatchItem(_image(0, 56), questions[0], answer_token_ids=ids[0]),
+             BatchItem(_image(1, 56), questions[1], answer_token_ids=ids[1]),
+             BatchItem(_image(2, 56), questions[2])]
+    options = ExplainOptions(methods=("dexar",), max_new_tokens=3, per_token_maps=True)
+    batch = explain_batch(explainer, items, options)
+    for item, got in zip(items, batch, strict=True):
+        _assert_same(got, explainer.explain(item.image, item.question,
+                                            answer_token_ids=item.answer_token_ids,
+                                            options=options))
 
 
 def test_batch_reports_the_bad_item(llava):
