@@ -125,8 +125,9 @@ ALL = ("forward", "generate.hf", "generate.engine", "llr", "dexar.fast", "dexar.
 LONG = ("forward", "generate.hf", "dexar.fast", "dexar.per_token", "glimpse.replay",
         "glimpse.fast", "glimpse.reference", "tmme.fast", "rollout.fast", "igos.fast",
         "batch.dexar", "batch.sequential")
-QWEN = ("forward", "generate.hf", "generate.engine", "dexar.fast", "dexar.per_token",
-        "glimpse.fast", "glimpse.replay", "tmme.fast", "rollout.fast", "batch.dexar")
+QWEN = ("forward", "generate.hf", "generate.engine", "llr", "dexar.fast", "dexar.per_token",
+        "glimpse.fast", "glimpse.replay", "tmme.fast", "rollout.fast", "batch.dexar",
+        "batch.sequential")
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("smoke", "llava", "tiny", "cpu", "float32", (32, 32), 6, 4, ALL, repeats=1,
