@@ -57,6 +57,19 @@ def test_smoke_scenario_runs_every_measurement(tmp_path, capsys):
     assert "glimpse.fast" in bench_run.table(data)
 
 
+def test_smoke_qwen_scenario(tmp_path):
+    out = tmp_path / "q.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench_run.main(["--scenario", "smoke-qwen", "--threads", "1", "--json", str(out),
+                               "--only", "forward,dexar.fast,glimpse.replay,batch.dexar"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    entry = json.loads(out.read_text())["scenarios"]["smoke-qwen"]
+    bad = {r["name"]: r["error"] for r in entry["results"] if r["status"] != "ok"}
+    assert entry["status"] == "done" and not bad, bad
+
+
 def test_gpu_scenarios_are_skipped_without_cuda(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "gpu.json"
