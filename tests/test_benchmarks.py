@@ -189,3 +189,30 @@ def test_scenarios_are_consistent():
         assert set(scenario.measurements) <= set(bench_run.MEASUREMENTS), scenario.name
         assert dataclasses.replace(scenario).name == scenario.name
     assert set(ALL) == set(bench_run.MEASUREMENTS)
+
+
+def test_glimpse_replay_loop_fallback_is_exact(monkeypatch):
+    """If the vectorized backward fails (no batching rule, out of memory), replay redoes the
+    layer and loops over tokens: same result."""
+    import lvlm_attribution.methods.glimpse as glimpse
+
+    model, processor = build_tiny("llava")
+    explainer = Explainer(model, processor, "llava", "random")
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), np.uint8))
+    ids = explainer.tokenizer.convert_tokens_to_ids(["red", "circle", "top"])
+    ctx = AttributionContext(model, explainer.adapter,
+                             explainer.prepare(image, "what color is the circle"), ids)
+    full = glimpse.relevance_rows(ctx, glimpse.GlimpseConfig(token_chunk=2))
+    grad = torch.autograd.grad
+
+    def no_batched(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batched)
+    replay = glimpse.relevance_rows(ctx, glimpse.GlimpseConfig(token_chunk=2,
+                                                               memory_mode="replay"))
+    assert replay[4] == "replay-loop"
+    for a, b in zip(full[:3], replay[:3], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

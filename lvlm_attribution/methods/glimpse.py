@@ -265,17 +265,22 @@ def _replay_vjp(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, captured, 
                 dout: torch.Tensor, need_input: bool):
     """Replay one decoder layer with explicit attention; VJPs of its output with the rows of
     `dout` (c, *out.shape): d/dA (c, 1, H, N, N) and d/dh (c, *h.shape) (or None)."""
-    leaf = hidden.detach().requires_grad_(True)
-    with torch.enable_grad():
+    def replay():
+        leaf = hidden.detach().requires_grad_(True)
         out = layer(leaf, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        wrt = [captured.probs[index], leaf] if need_input else [captured.probs[index]]
+        return out, ([captured.probs[index], leaf] if need_input else [captured.probs[index]])
+
+    with torch.enable_grad():
         try:
+            out, wrt = replay()
             grads = torch.autograd.grad(out, wrt, grad_outputs=dout, is_grads_batched=True)
             mode = "batched"
         except RuntimeError:  # no batching rule, or out of memory: one token at a time
-            per = [torch.autograd.grad(out, wrt, grad_outputs=d, retain_graph=True)
-                   for d in dout]
+            out = wrt = grads = None  # a failed backward may have freed the graph: redo it
+            out, wrt = replay()
+            per = [torch.autograd.grad(out, wrt, grad_outputs=d, retain_graph=k < len(dout) - 1)
+                   for k, d in enumerate(dout)]
             grads = [torch.stack([p[k] for p in per]) for k in range(len(wrt))]
             mode = "loop"
     return grads[0], (grads[1] if need_input else None), mode
