@@ -3,6 +3,7 @@
 # Prints the browser's path on stdout and exits 0 when it is (or becomes) available; otherwise
 # prints why on stderr and exits 1 (the test then skips with that reason).
 #   bash deploy/scripts/ensure_chromium.sh        # install if missing (needs root + apt-get)
+#   LVLM_NO_BROWSER_INSTALL=1 bash ...            # only look for it (fast test runs)
 set -uo pipefail
 
 find_browser() {
@@ -14,6 +15,10 @@ find_browser() {
 
 if path=$(find_browser); then echo "$path"; exit 0; fi
 
+if [ "${LVLM_NO_BROWSER_INSTALL:-0}" = "1" ]; then
+  echo "chromium is not installed (LVLM_NO_BROWSER_INSTALL=1: not installing it)" >&2
+  exit 1
+fi
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "chromium is not installed and apt-get is not available to install it" >&2
   exit 1
