@@ -545,7 +545,10 @@ class GrpcTarget:
 
 def grpc_kind(code_name: str, details: str) -> tuple[str, str]:
     details = (details or "").split("\norg.pytorch.serve")[0]
-    return f"grpc_{code_name}:{message_class(details)}", details[:300]
+    # The client's own deadline, whatever the transport said last ("Deadline Exceeded", or a
+    # stream reset when the deadline hit while the stream was open).
+    cls = "timeout" if code_name == "DEADLINE_EXCEEDED" else message_class(details)
+    return f"grpc_{code_name}:{cls}", details[:300]
 
 
 async def grpc_attempt(target: GrpcTarget, spec: Spec, timeout: float,

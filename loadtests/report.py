@@ -53,19 +53,25 @@ def _f(v: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-COLUMNS = ["profile", "transport", "conc", "sent", "ok", "err", "ok/s", "p50 s", "p95 s",
-           "p99 s", "1st msg p50 s", "1st msg p95 s", "att/req", "req B", "resp B", "errors"]
+COLUMNS = ["profile", "transport", "conc", "sent", "ok", "unserved", "err", "ok/s", "p50 s",
+           "p95 s", "p99 s", "svc p50 s", "1st msg p50 s", "1st msg p95 s", "att/req", "req B",
+           "resp B", "errors by kind"]
 
 
 def rows(steps: Sequence[dict]) -> list[list[str]]:
+    """`unserved`: still refused (no free worker) when the step ended, after retrying; `err`:
+    every other error; `svc`: the accepted attempt alone (the work, without the wait)."""
     out = []
     for s in steps:
         m = s["summary"]
         errs = ", ".join(f"{k} x{n}" for k, n in m["errors_by_kind"].items()) or "-"
+        unserved = m["final_rejections"]
         out.append([s["profile"], s["transport"], str(s["concurrency"]), str(m["sent"]),
-                    str(m["ok"]), str(m["errors"]), _f(m["throughput_ok_per_s"]),
+                    str(m["ok"]), str(unserved), str(m["errors"] - unserved),
+                    _f(m["throughput_ok_per_s"]),
                     _f(m["latency_s"]["p50"]), _f(m["latency_s"]["p95"]),
-                    _f(m["latency_s"]["p99"]), _f(m["first_message_s"]["p50"]),
+                    _f(m["latency_s"]["p99"]), _f(m["service_latency_s"]["p50"]),
+                    _f(m["first_message_s"]["p50"]),
                     _f(m["first_message_s"]["p95"]),
                     _f(m["attempts"] / m["sent"] if m["sent"] else None, "{:.1f}"),
                     _f(m["request_bytes_mean"], "{:.0f}"), _f(m["response_bytes_mean"], "{:.0f}"),
@@ -204,3 +210,27 @@ def plot(steps: Sequence[dict], path: Path, title: str) -> None:
         x, y = 20, y + 22
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m loadtests.report runs/load/report.json [--png PATH]`: print the table again
+    and redraw the tables and the plot next to the report (or at --png)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("report", type=Path)
+    parser.add_argument("--png", type=Path)
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    report = json.loads(args.report.read_text())
+    steps, out = report["steps"], args.report.parent
+    (out / "table.md").write_text(markdown_table(steps) + "\n")
+    (out / "table.txt").write_text(text_table(steps) + "\n")
+    plot(steps, args.png or out / "load-latency.png", args.title or report.get("title", ""))
+    print(text_table(steps))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

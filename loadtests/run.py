@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "environment": environment(), "server": {"rest": rest, "grpc": grpc_target,
                                                        "model_config": server_cfg},
-              **data, "problems": problems}
+              "title": title, **data, "problems": problems}
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     steps = data["steps"]
     (args.out / "table.md").write_text(markdown_table(steps) + "\n")

@@ -314,9 +314,9 @@ async def kill_worker_under_load(server: LocalServer, concurrency_each: int = 1,
                                  max_recovery_s: float = 180.0) -> Traffic:
     """Unary closed-loop load (per transport `concurrency_each` users). Once an attempt has been
     in progress for `busy_for_s` (so the worker is computing it), SIGKILL the worker pid that
-    the management API reports; keep the load on until `after_s` seconds after a new worker is
-    READY (at most `max_recovery_s` after the kill). Notes: kill time, new worker READY time,
-    first success started after the kill, recovery time."""
+    the management API reports; keep the load on until `after_s` seconds after the first
+    success of a request sent after the kill (at most `max_recovery_s` after the kill). Notes:
+    kill time, new worker READY time, first success sent after the kill, recovery time."""
     traffic = Traffic()
     specs = loadgen.request_specs(16, stream=False, seed=1500)
     inflight: dict[int, float] = {}
@@ -364,7 +364,6 @@ async def kill_worker_under_load(server: LocalServer, concurrency_each: int = 1,
             if new is not None and new != pid:
                 notes["new_pid"] = new
                 notes["t_ready"] = time.perf_counter() - traffic.t0
-                stop["until"] = time.perf_counter() + after_s
                 break
             await asyncio.sleep(0.1)
 
@@ -375,21 +374,27 @@ async def kill_worker_under_load(server: LocalServer, concurrency_each: int = 1,
             if time.perf_counter() >= stop["until"]:
                 break
             # Rejections while the worker restarts are retried until it is back (bounded).
-            await traffic.send(c, specs[i % len(specs)], PATIENT,
-                               time.perf_counter() + max_recovery_s + after_s, rng)
+            r = await traffic.send(c, specs[i % len(specs)], PATIENT,
+                                   time.perf_counter() + max_recovery_s + after_s, rng)
             i += 1
+            if ("t_kill" in notes and "t_first_ok_after_kill" not in notes and r.kind == "ok"
+                    and r.start > notes["t_kill"]):
+                # Recovered: the first success of a request sent after the kill. Keep the load
+                # on for after_s more seconds; those requests must all succeed.
+                notes["t_first_ok_after_kill"] = r.start + r.latency
+                notes["recovery_s"] = r.start + r.latency - notes["t_kill"]
+                stop["until"] = time.perf_counter() + after_s
 
     try:
         await asyncio.gather(killer(), *(user(c, 40 + k) for k, c in enumerate(clients)))
     finally:
         await close(*clients)
     if "t_kill" in notes:
-        t_kill = notes["t_kill"]
-        after = [r for r in traffic.results if r.start > t_kill and r.kind == "ok"]
-        if after:
+        after = [r for r in traffic.results if r.start > notes["t_kill"] and r.kind == "ok"]
+        if after:  # the earliest end among successes sent after the kill (any user)
             first = min(after, key=lambda r: r.start + r.latency)
             notes["t_first_ok_after_kill"] = first.start + first.latency
-            notes["recovery_s"] = first.start + first.latency - t_kill
+            notes["recovery_s"] = first.start + first.latency - notes["t_kill"]
         if "t_ready" in notes:
-            notes["worker_ready_after_s"] = notes["t_ready"] - t_kill
+            notes["worker_ready_after_s"] = notes["t_ready"] - notes["t_kill"]
     return traffic
