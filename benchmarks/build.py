@@ -32,6 +32,7 @@ from transformers import Qwen2VLImageProcessorPil as Qwen2VLImageProcessor
 from lvlm_attribution.engine import DTYPES, Explainer
 from lvlm_attribution.models import tiny
 from lvlm_attribution.world.embedded_model import CHAT_TEMPLATE as LLAVA_CHAT_TEMPLATE
+from lvlm_attribution.world.embedded_model import vocabulary
 
 from .configs import (
     CLIP_VIT_L_14_336,
@@ -87,10 +88,19 @@ def llava_7b_config(tokenizer, vision_image_size: int = 336, layers: int | None 
     )
 
 
+def _filler(special: list[str], words: list[str], vocab_size: int) -> list[str]:
+    """Plain word tokens that pad the hub-free vocabulary to the model's vocabulary size, so
+    that every id a random-weight model generates decodes to a token (as with the real
+    tokenizers) and text-based rules (stop words, grounding) see ordinary words."""
+    base = len(dict.fromkeys(special + ["\n"] + vocabulary() + words))
+    return [f"w{i:06d}" for i in range(vocab_size - base)]
+
+
 def llava_processor(image_size: int, patch: int = 14) -> LlavaProcessor:
     """Hub-free LLaVA-1.5 processor (models/tiny.py's approach): CLIP resize + centre crop to
     `image_size`, (image_size/patch)² <image> tokens, the LLaVA chat template's structure."""
-    tokenizer = tiny.build_word_tokenizer(["<pad>", "<unk>", "<s>", "</s>", "<image>"], [],
+    special = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    tokenizer = tiny.build_word_tokenizer(special, _filler(special, [], LLAMA2_7B["vocab_size"]),
                                           bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
                                           extra_special_tokens={"image_token": "<image>"})
     image_processor = CLIPImageProcessor(  # CLIP's mean/std, as the real preprocessor_config
@@ -126,8 +136,10 @@ def qwen_7b_config(tokenizer, layers: int | None = None,
 
 
 def qwen_processor(max_side: int) -> tiny.HubFreeVLProcessor:
+    words = tiny.QWEN_WORDS + _filler(tiny.QWEN_SPECIAL, tiny.QWEN_WORDS,
+                                      QWEN25VL_7B_TEXT["vocab_size"])
     tokenizer = tiny.build_word_tokenizer(
-        tiny.QWEN_SPECIAL, tiny.QWEN_WORDS, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+        tiny.QWEN_SPECIAL, words, bos=None, eos="<|im_end|>", pad="<|endoftext|>",
         unk="<unk>", extra_special_tokens={"image_token": "<|image_pad|>",
                                            "video_token": "<|video_pad|>"})
     image_processor = Qwen2VLImageProcessor(  # OpenAI CLIP mean/std, as the real one

@@ -33,6 +33,7 @@ from PIL import Image
 
 from .capture import CaptureSpec, capture
 from .context import GUARD_TOLERANCE, AttributionContext, CaptureMismatch
+from .grounding import ground
 from .methods.dexar import DexArConfig, dexar_from_gradients
 from .methods.registry import get_method, settings_dict
 from .models.base import PreparedPrompt
@@ -255,14 +256,15 @@ def explain_batch(explainer, items: Sequence, options: ExplainOptions | None = N
         if not options.per_token_maps:
             for out in outputs:
                 out[name].per_token_maps = None
-    return [
-        Explanation(
-            answer=explainer.decode(a), answer_token_ids=a,
-            tokens=explainer._tokens(a, p, llr, out), methods=out,
-            question_tokens=prompt.question_tokens, grid=prompt.grid,
+    explanations = []
+    for item, prompt, a, p, llr, out in zip(items, prompts, ids, probabilities, llrs, outputs,
+                                            strict=True):
+        tokens = explainer._tokens(a, p, llr, out)
+        grounding = ground(tokens)  # as `Explainer.explain`: sets TokenInfo.grounded
+        explanations.append(Explanation(
+            answer=explainer.decode(a), answer_token_ids=a, tokens=tokens, grounding=grounding,
+            methods=out, question_tokens=prompt.question_tokens, grid=prompt.grid,
             image_size=prompt.image_size, audit_mode=item.audit,
             model_name=explainer.model_name, model_version=explainer.model_version,
-            timings=dict(timings))
-        for item, prompt, a, p, llr, out in zip(items, prompts, ids, probabilities, llrs,
-                                                outputs, strict=True)
-    ]
+            timings=dict(timings)))
+    return explanations

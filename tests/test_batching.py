@@ -45,6 +45,12 @@ def _assert_same(batch, single):
         assert set(tb.weights) == set(ts.weights)
         for key in tb.weights:
             assert abs(tb.weights[key] - ts.weights[key]) <= TOL, key
+    assert (batch.grounding is None) == (single.grounding is None)
+    if single.grounding is not None:
+        assert batch.grounding.flagged == single.grounding.flagged
+        assert batch.grounding.rule == single.grounding.rule
+        assert abs(batch.grounding.score - single.grounding.score) <= TOL
+        assert [t.grounded for t in batch.tokens] == [t.grounded for t in single.tokens]
     assert set(batch.methods) == set(single.methods)
     for name, mb in batch.methods.items():
         ms = single.methods[name]

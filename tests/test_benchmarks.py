@@ -118,6 +118,8 @@ def test_7b_configs_have_the_public_parameter_counts(family):
                             qwen_7b_config(processor.tokenizer), "meta", torch.bfloat16)
         assert count_parameters(model) == 8_292_166_656  # Qwen/Qwen2.5-VL-7B-Instruct
     assert next(model.parameters()).dtype == torch.bfloat16
+    # every id a random model can generate decodes (the hub-free vocabulary is padded)
+    assert len(processor.tokenizer) == model.config.text_config.vocab_size
 
 
 @pytest.mark.parametrize(("side", "visual"), [(336, 576), (672, 2304), (966, 4761)])
