@@ -34,8 +34,8 @@ from PIL import Image
 from .capture import CaptureSpec, capture
 from .context import GUARD_TOLERANCE, AttributionContext, CaptureMismatch
 from .grounding import ground
-from .methods.dexar import DexArConfig, dexar_from_gradients
-from .methods.registry import get_method, settings_dict
+from .methods.dexar import dexar_output
+from .methods.registry import get_method
 from .models.base import PreparedPrompt
 from .perturbation import baseline_pixel_values
 from .schema import ExplainOptions, Explanation, MethodOutput
@@ -184,18 +184,6 @@ def batched_lens_gradients(contexts: Sequence[AttributionContext],
     return out
 
 
-def _dexar_output(ctx: AttributionContext, cfg: DexArConfig, g: torch.Tensor) -> MethodOutput:
-    """The MethodOutput `methods.dexar.attribute` builds, from precomputed gradients."""
-    sequence, token_maps, delta, head_w = dexar_from_gradients(g, ctx, cfg)
-    return MethodOutput(
-        visual_map=ctx.to_grid(sequence).detach().cpu().numpy(),
-        per_token_maps=ctx.to_grid(token_maps).detach().cpu().numpy(),
-        token_weights={"delta": delta.detach().cpu().numpy()},
-        settings=settings_dict(cfg),
-        extras={"head_weights": head_w.detach().cpu()},
-    )
-
-
 # ---- the batch API -----------------------------------------------------------------------------
 def explain_batch(explainer, items: Sequence, options: ExplainOptions | None = None,
                   ) -> list[Explanation]:
@@ -249,7 +237,7 @@ def explain_batch(explainer, items: Sequence, options: ExplainOptions | None = N
                 layers = list(contexts[0].layers(last_k=cfg.last_k_layers))
                 grads = batched_lens_gradients(contexts, layers, pad_id)
                 for out, ctx, g in zip(outputs, contexts, grads, strict=True):
-                    out[name] = _dexar_output(ctx, cfg, g)
+                    out[name] = dexar_output(ctx, cfg, g)
             else:  # per request, the method's own single-request code
                 for out, ctx in zip(outputs, contexts, strict=True):
                     out[name] = get_method(name).attribute(ctx, cfg)

@@ -118,7 +118,11 @@ def _text_keys(ctx: AttributionContext, t: int, cfg: DexArConfig) -> torch.Tenso
                  summary="DEX-AR: head- and token-filtered logit-lens attention gradients")
 def attribute(ctx: AttributionContext, cfg: DexArConfig) -> MethodOutput:
     layers = list(ctx.layers(last_k=cfg.last_k_layers))
-    g = lens_gradients(ctx, layers)
+    return dexar_output(ctx, cfg, lens_gradients(ctx, layers))
+
+
+def dexar_output(ctx: AttributionContext, cfg: DexArConfig, g: torch.Tensor) -> MethodOutput:
+    """The method's output from lens gradients g (L, H, T, N); shared with the batched path."""
     sequence, token_maps, delta, head_w = dexar_from_gradients(g, ctx, cfg)
     return MethodOutput(
         visual_map=ctx.to_grid(sequence).detach().cpu().numpy(),
