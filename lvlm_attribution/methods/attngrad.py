@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..capture import CaptureSpec
 from ..context import AttributionContext
 from ..schema import MethodOutput
 from ._common import sequence_output
+from .dexar import lens_attention_and_gradients
 from .registry import register_method
 
 
@@ -36,20 +36,6 @@ class AttnGradConfig:
     def validate(self) -> None:
         if self.last_k_layers is not None and self.last_k_layers < 1:
             raise ValueError("last_k_layers must be >= 1")
-
-
-def lens_attention_and_gradients(ctx: AttributionContext,
-                                 layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, g), each (L, H, T, N): attention of rows t-1 and d o^l_t / d A^{l,h} at rows t-1,
-    all tokens and layers from one forward and one backward (same spec as dexar.lens_gradients)."""
-    spec = CaptureSpec(layers=layers, rows=ctx.predict_rows, layer_outputs=True,
-                       detach_layer_inputs=True)
-    _, captured = ctx.forward(spec, check=True)
-    total = sum(ctx.lens_target_logits(captured.layer_outputs[k]).sum() for k in layers)
-    probs = [captured.probs[k] for k in layers]
-    grads = torch.autograd.grad(total, probs)
-    attn = torch.stack([p[0].detach() for p in probs]).float()
-    return attn, torch.stack([g[0] for g in grads]).float()
 
 
 def attngrad_maps(attn: torch.Tensor, grads: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:

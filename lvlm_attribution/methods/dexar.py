@@ -49,13 +49,21 @@ class DexArConfig:
 
 def lens_gradients(ctx: AttributionContext, layers: list[int]) -> torch.Tensor:
     """g: (L, H, T, N) = d o^l_t / d A^{l,h} at row t-1, all tokens and layers in one backward."""
+    return lens_attention_and_gradients(ctx, layers)[1]
+
+
+def lens_attention_and_gradients(ctx: AttributionContext,
+                                 layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, g), each (L, H, T, N): attention at rows t-1 and d o^l_t / d A^{l,h} there, from one
+    forward with detached layer inputs and one backward (the fast path above)."""
     spec = CaptureSpec(layers=layers, rows=ctx.predict_rows, layer_outputs=True,
                        detach_layer_inputs=True)
     _, captured = ctx.forward(spec, check=True)
     total = sum(ctx.lens_target_logits(captured.layer_outputs[layer]).sum() for layer in layers)
     probs = [captured.probs[layer] for layer in layers]
     grads = torch.autograd.grad(total, probs)
-    return torch.stack([g[0] for g in grads]).float()
+    attn = torch.stack([p[0].detach() for p in probs]).float()
+    return attn, torch.stack([g[0] for g in grads]).float()
 
 
 def reference_lens_gradients(ctx: AttributionContext, layers: list[int]) -> torch.Tensor:
