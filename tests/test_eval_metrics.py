@@ -373,3 +373,18 @@ def test_gaussian_blur_baseline_and_mean_colour():
     # (10, 20, 30) once and (40, 50, 60) twice -> ((10 + 80) / 3, (20 + 100) / 3, (30 + 120) / 3)
     images = [np.array([[[10, 20, 30]]], np.uint8), np.array([[[40, 50, 60]] * 2], np.uint8)]
     np.testing.assert_allclose(M.dataset_mean_colour(images), [30, 40, 50])
+
+
+def test_median_ci95_bootstrap():
+    # a constant sample: every resample has the same median
+    assert M.median_ci95([2.0] * 7) == (2.0, 2.0, 2.0)
+    # the interval holds the median, lies inside the data's range, is reproducible (seeded) and
+    # ignores NaN; one exploding value moves the mean, not the median
+    values = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1000.0, float("nan")]
+    median, low, high = M.median_ci95(values)
+    assert median == pytest.approx(0.55)
+    assert 0.1 <= low <= median <= high <= 1000.0 and high < 2.0
+    assert M.median_ci95(values) == (median, low, high)
+    assert M.mean_ci95(values)[0] > 100
+    np.testing.assert_allclose(M.median_ci95([]), [np.nan] * 3, **NAN_OK)
+    np.testing.assert_allclose(M.median_ci95([4.0]), [4.0, np.nan, np.nan], **NAN_OK)

@@ -67,11 +67,13 @@ def test_structure(random_llava_explainer, tmp_path):
     assert summary["all"]["scenes"] == 3 and summary["color"]["scenes"] == 2
     row = summary["all"]["maps"]["dexar"]
     assert set(row) - {"scenes"} <= set(METRICS)
-    assert {"mean", "low", "high", "median", "n", "n_nan", "n_inf"} == set(row["epg"])
+    assert {"mean", "low", "high", "median", "median_low", "median_high", "n", "n_nan",
+            "n_inf"} == set(row["epg"])
     assert set(report["acceptance"]) == {"dexar"}
     assert report["scenes_done"] == 3 and report["scenes_resumed"] == 0
     table = format_report(report)
     assert "| dexar:token_filter=false |" in table and "epg ↑" in table
+    assert "medians [95% bootstrap CI]" in table and "deletion ↓" in table
     json.dumps(report)  # JSON-safe (no NaN / inf objects)
     again = report_from_file(tmp_path / "e.jsonl")  # --report-only: no model needed
     assert again["summary"] == report["summary"] and again["scenes_done"] == 3
@@ -110,3 +112,26 @@ def test_resume_skips_done_scenes(random_llava_explainer, tmp_path, monkeypatch)
                                                           perturbation=False), out,
                        progress=False)
     assert not math.isnan(report["summary"]["all"]["mask_area"]["mean"])
+
+
+def test_shards_cover_the_plan_and_merge(random_llava_explainer, tmp_path):
+    """Two shards (one per core) run disjoint scenes; --report-only merges their files, counting
+    a scene present in both once; files from other settings are refused."""
+    base = dict(scenes=4, seed=8, methods="dexar", perturbation=False)
+    outs = [tmp_path / f"s{k}.jsonl" for k in range(2)]
+    for k, out in enumerate(outs):
+        run_evaluation(random_llava_explainer, EvalConfig(**base, shard=(k, 2)), out,
+                       progress=False)
+    indices = [[json.loads(x)["index"] for x in o.read_text().splitlines()[1:]] for o in outs]
+    assert indices == [[0, 2], [1, 3]]
+    with outs[1].open("a") as f:  # a duplicate of shard 0's scene 0
+        f.write(outs[0].read_text().splitlines()[1] + "\n")
+    merged = report_from_file(outs)
+    assert merged["scenes_done"] == 4 and merged["summary"]["all"]["scenes"] == 4
+    whole = run_evaluation(random_llava_explainer, EvalConfig(**base), None, progress=False)
+    assert merged["summary"] == whole["summary"]
+    other = tmp_path / "other.jsonl"
+    run_evaluation(random_llava_explainer, EvalConfig(**{**base, "scenes": 1, "seed": 9}), other,
+                   progress=False)
+    with pytest.raises(ValueError):
+        report_from_file([outs[0], other])

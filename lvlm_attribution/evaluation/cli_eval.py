@@ -20,6 +20,16 @@ def _kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants K/N, e.g. 0/2; got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 0 <= K < N; got {text!r}")
+    return k, n
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from ..engine import Explainer
     from .run import EvalConfig, format_report, parse_methods, report_from_file, run_evaluation
@@ -28,7 +38,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not args.out:
             print("error: --report-only needs --out", file=sys.stderr)
             return 2
-        report = report_from_file(Path(args.out), args.scenes)
+        try:
+            report = report_from_file([Path(p) for p in args.out.split(",")], args.scenes)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(format_report(report), file=sys.stderr if args.json else sys.stdout)
         if args.json:
             print(json.dumps(report, indent=1))
@@ -42,7 +56,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg = EvalConfig(scenes=args.scenes or 100, seed=args.seed, methods=args.methods,
                      method_settings=settings, kinds=args.kinds, igos_scenes=args.igos_scenes,
                      steps=args.steps, batch_size=args.batch_size,
-                     perturbation=not args.no_perturbation, ppl_points=args.ppl_points)
+                     perturbation=not args.no_perturbation, ppl_points=args.ppl_points,
+                     shard=args.shard)
     explainer = Explainer.from_pretrained(args.model, device=args.device)
     report = run_evaluation(explainer, cfg, Path(args.out) if args.out else None)
     table = format_report(report)
@@ -76,9 +91,12 @@ def add_evaluate(sub) -> None:
     p.add_argument("--no-perturbation", action="store_true",
                    help="skip deletion/insertion and perplexity AUC (localisation only)")
     p.add_argument("--out", default=None, help="JSON lines, one per scene; resumed if present")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
+                   help="run only the scenes with index %% N == K (one process per core, each "
+                        "with its own --out; merge with --report-only --out a,b)")
     p.add_argument("--report-only", action="store_true",
-                   help="aggregate the scenes already in --out (read-only, no model; the first "
-                        "--scenes indices)")
+                   help="aggregate the scenes already in --out (comma-separated files: shards of "
+                        "one run; read-only, no model; the first --scenes indices)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_evaluate)

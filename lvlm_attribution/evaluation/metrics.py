@@ -6,8 +6,8 @@ Definitions, parameters, edge cases and deviations from the papers: docs/metrics
 - localisation against an evidence mask (DEX-AR): `best_iou`, `iou_curve`, `soft_iou`,
   `energy_pointing_game`, `snr`; token-level `token_snr` (content vs filler tokens)
 - faithfulness by perturbation: `deletion_insertion` (iGOS++ protocol), `perplexity_auc` (DEX-AR)
-- utilities: `upsample_to`, `minmax_normalize`, `mean_ci95`, baseline maps `uniform_map`,
-  `random_map`, `centre_prior`, `gaussian_blur_baseline`, `dataset_mean_colour`,
+- utilities: `upsample_to`, `minmax_normalize`, `mean_ci95`, `median_ci95`, baseline maps
+  `uniform_map`, `random_map`, `centre_prior`, `gaussian_blur_baseline`, `dataset_mean_colour`,
   `probability_score_fn`
 """
 
@@ -44,7 +44,7 @@ from lvlm_attribution.evaluation.perturbation import (
     probability_score_fn,
     trapezoid_auc,
 )
-from lvlm_attribution.evaluation.stats import mean_ci95
+from lvlm_attribution.evaluation.stats import mean_ci95, median_ci95
 
 __all__ = [
     "best_iou",
@@ -61,6 +61,7 @@ __all__ = [
     "iou_curve",
     "iou_thresholds",
     "mean_ci95",
+    "median_ci95",
     "mean_token_probability",
     "minmax_normalize",
     "nss",
