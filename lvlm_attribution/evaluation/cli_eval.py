@@ -108,7 +108,7 @@ def _grounding_eval(args: argparse.Namespace) -> int:
 
     cfg = GroundingEvalConfig(scenes=args.scenes, seed=args.seed,
                               methods=tuple(m for m in args.methods.split(",") if m),
-                              kinds=args.kinds, target_false_flag=args.target_false_flag)
+                              kinds=args.kinds)
     explainer = Explainer.from_pretrained(args.model, device=args.device)
     report = run_grounding_eval(explainer, cfg, Path(args.out) if args.out else None,
                                 do_calibrate=args.calibrate)
@@ -134,7 +134,6 @@ def add_grounding_eval(sub) -> None:
     p.add_argument("--kinds", type=_kinds, default=KINDS)
     p.add_argument("--calibrate", action="store_true",
                    help="fit the rule on this run and print grounding.CALIBRATION (in-sample)")
-    p.add_argument("--target-false-flag", type=float, default=0.03)
     p.add_argument("--out", default=None, help="JSON lines of token signals; resumed if present")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")

@@ -34,14 +34,13 @@ from tqdm import tqdm
 from ..engine import Explainer
 from ..grounding import (
     CALIBRATION,
+    DECISION_THRESHOLD,
     WEIGHT_KEYS,
     RuleParams,
     content_like,
     features,
     fit_logistic,
     ground,
-    support_scores,
-    threshold_for_false_flag_rate,
 )
 from ..schema import ExplainOptions, TokenInfo
 from ..world.corrupt import corrupt
@@ -57,12 +56,10 @@ class GroundingEvalConfig:
     seed: int = 0
     methods: tuple[str, ...] = ("glimpse", "dexar")
     kinds: tuple[str, ...] = KINDS
-    target_false_flag: float = 0.03  # calibration: threshold for this rate on the fit seed
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("scenes")
-        d.pop("target_false_flag")
         d["methods"], d["kinds"] = list(self.methods), list(self.kinds)
         return d
 
@@ -198,22 +195,29 @@ def score_records(records: Sequence[dict], signals: Sequence[str] = ("delta", "a
     return {"rule": rule_name, "by_scope": out}
 
 
-def calibrate(records: Sequence[dict], target_false_flag: float = 0.03,
-              l2: float = 1e-2) -> dict[tuple[str, ...], RuleParams]:
-    """Fit weights and threshold for every optional-signal subset (module docstring)."""
+def _collected(records: Sequence[dict], subset: Sequence[str]) -> bool:
+    keys = {WEIGHT_KEYS[sig] for sig in subset}
+    return all(keys <= set(row["weights"]) for r in records
+               for row in r["correct_tokens"] + r["corrupted_tokens"])
+
+
+def calibrate(records: Sequence[dict], l2: float = 1e-2) -> dict[tuple[str, ...], RuleParams]:
+    """Fit the weights for every optional-signal subset the records carry (module docstring); the
+    threshold is the balanced fit's decision boundary, DECISION_THRESHOLD (grounding.py says
+    why). A subset whose signal was not collected (its method did not run) is left out."""
     result = {}
     for k in range(3):
         for subset in combinations(("delta", "align"), k):
+            if not _collected(records, subset):
+                continue
             signals = ("p", "llr", *subset)
-            xs, ys, support_content = [], [], []
+            xs, ys = [], []
             for r in records:
                 good = to_tokens(r["correct_tokens"], subset)
                 like = content_like(good)
                 x = features(good, signals)
-                for t in range(len(r["correct_tokens"])):
-                    if like[t]:
-                        xs.append(x[t])
-                        ys.append(1.0)
+                xs += [x[t] for t in range(len(good)) if like[t]]
+                ys += [1.0 for t in range(len(good)) if like[t]]
                 bad = to_tokens(r["corrupted_tokens"], subset)
                 xb = features(bad, signals)
                 for t, row in enumerate(r["corrupted_tokens"]):
@@ -221,20 +225,8 @@ def calibrate(records: Sequence[dict], target_false_flag: float = 0.03,
                         xs.append(xb[t])
                         ys.append(0.0)
             w, b = fit_logistic(np.array(xs), np.array(ys), l2=l2)
-            params = RuleParams(signals, tuple(round(float(v), 4) for v in w), round(b, 4), 0.5)
-            unsupported = []
-            for r in records:  # threshold on world-content tokens of correct answers
-                good = to_tokens(r["correct_tokens"], subset)
-                s = support_scores(good, params)
-                support_content += [float(s[t]) for t, row in enumerate(r["correct_tokens"])
-                                    if row["content"]]
-                sb = support_scores(to_tokens(r["corrupted_tokens"], subset), params)
-                unsupported += [float(sb[t]) for t, row in enumerate(r["corrupted_tokens"])
-                                if row["target"]]
-            thr = threshold_for_false_flag_rate(np.array(support_content), target_false_flag,
-                                                np.array(unsupported))
-            result[tuple(subset)] = RuleParams(signals, params.weights, params.bias,
-                                               round(min(thr, 0.999), 4))
+            result[tuple(subset)] = RuleParams(signals, tuple(round(float(v), 4) for v in w),
+                                               round(b, 4), DECISION_THRESHOLD)
     return result
 
 
@@ -251,12 +243,12 @@ def calibration_literal(calib: dict[tuple[str, ...], RuleParams]) -> str:
 def run_grounding_eval(explainer: Explainer, cfg: GroundingEvalConfig, out: Path | None = None,
                        do_calibrate: bool = False, progress: bool = True) -> dict[str, Any]:
     records = collect(explainer, cfg, out, progress)
-    calib = calibrate(records, cfg.target_false_flag) if do_calibrate else None
+    fitted = calibrate(records) if do_calibrate else None
+    calib = {**CALIBRATION, **fitted} if fitted is not None else None
     subsets = {}
     for k in range(3):
         for subset in combinations(("delta", "align"), k):
-            if all(m in cfg.methods for m in (("dexar",) if "delta" in subset else ())) and all(
-                    m in cfg.methods for m in (("glimpse",) if "align" in subset else ())):
+            if records and _collected(records, subset):
                 scored = score_records(records, subset, calib)
                 subsets[scored["rule"]] = scored["by_scope"]
     report = {
@@ -269,8 +261,8 @@ def run_grounding_eval(explainer: Explainer, cfg: GroundingEvalConfig, out: Path
                                (calib or CALIBRATION).items()},
         "rules": subsets,
     }
-    if calib is not None:
-        report["calibration_literal"] = calibration_literal(calib)
+    if fitted is not None:
+        report["calibration_literal"] = calibration_literal(fitted)
     return report
 
 
