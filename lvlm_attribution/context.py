@@ -111,10 +111,12 @@ class AttributionContext:
         with torch.enable_grad(), capture(self.model, self.adapter, spec) as captured:
             logits = self.model(**(inputs or self.inputs)).logits
         if check and inputs is None:
-            self._guard(logits)
+            self.check_against_plain(logits)
         return logits, captured
 
-    def _guard(self, logits: torch.Tensor) -> None:
+    def check_against_plain(self, logits: torch.Tensor) -> None:
+        """Raise CaptureMismatch when a capture forward's logits at the predicting rows differ
+        from the plain forward's (a hook or attention override changed the model's math)."""
         got = logits[0, self.predict_rows].detach().float()
         diff = (got - self.plain_logits).abs().max().item()
         if diff > GUARD_TOLERANCE.get(logits.dtype, 1e-3):

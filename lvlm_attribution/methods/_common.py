@@ -22,7 +22,7 @@ def forward_only_capture(ctx: AttributionContext, spec: CaptureSpec) -> Captured
     the capture is still checked against the plain forward."""
     with torch.no_grad(), capture(ctx.model, ctx.adapter, spec) as captured:
         logits = ctx.model(**ctx.inputs).logits
-    ctx._guard(logits)  # same check as ctx.forward(check=True)
+    ctx.check_against_plain(logits)  # same check as ctx.forward(check=True)
     return captured
 
 

@@ -257,7 +257,7 @@ def _record_layers(ctx: AttributionContext, layers: list[int]):
     finally:
         for handle in handles:
             handle.remove()
-    ctx._guard(logits)
+    ctx.check_against_plain(logits)
     return inputs, last[-1]
 
 

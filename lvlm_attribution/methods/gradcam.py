@@ -82,7 +82,7 @@ def attribute(ctx: AttributionContext, cfg: GradCamConfig) -> MethodOutput:
     layer = resolve_layer(cfg.layer, ctx.adapter.num_layers)
     logits, captured = ctx.forward(CaptureSpec(layers=[], layer_outputs=True),
                                    inputs=gradcam_inputs(ctx), check=False)
-    ctx._guard(logits)  # the inputs are equal in value, so the usual check applies
+    ctx.check_against_plain(logits)  # the inputs are equal in value, so the usual check applies
     hidden = captured.layer_outputs[layer]  # (1, N, D)
     z = ctx.target_logits(logits)  # (T,)
     (grads,) = per_token_gradients(z, [hidden], cfg.token_chunk)  # (T, 1, N, D)
