@@ -141,7 +141,7 @@ def params_for(tokens: Sequence[TokenInfo],
 
 def ground(tokens: Sequence[TokenInfo],
            calibration: dict[tuple[str, ...], RuleParams] | None = None) -> GroundingSummary:
-    """Apply grounding-v1: sets `TokenInfo.grounded` on every token (None for stop/punctuation
+    """Apply the rule (RULE): sets `TokenInfo.grounded` on every token (None for stop/punctuation
     tokens, which are never judged) and returns the answer-level summary."""
     params = params_for(tokens, calibration)
     scores = support_scores(tokens, params)
