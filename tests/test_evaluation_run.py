@@ -135,3 +135,22 @@ def test_shards_cover_the_plan_and_merge(random_llava_explainer, tmp_path):
                    progress=False)
     with pytest.raises(ValueError):
         report_from_file([outs[0], other])
+
+
+def test_cli_shard_and_report_only(tmp_path, capsys):
+    from lvlm_attribution.cli import build_parser, main
+
+    parser = build_parser()
+    assert parser.parse_args(["evaluate", "--shard", "1/2"]).shard == (1, 2)
+    assert parser.parse_args(["evaluate"]).shard == (0, 1)
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["evaluate", "--shard", bad])
+    assert "K/N" in capsys.readouterr().err
+    # --report-only over two files from different runs is refused with a message, not a trace
+    for name, seed in (("a", 1), ("b", 2)):
+        header = {"type": "header", "config": {"seed": seed, "methods": "dexar"}}
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(header) + "\n")
+    out = f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}"
+    assert main(["evaluate", "--report-only", "--out", out]) == 2
+    assert "other settings" in capsys.readouterr().err
