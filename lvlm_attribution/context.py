@@ -94,10 +94,12 @@ class AttributionContext:
     # ---- forwards -------------------------------------------------------------------------------
     @cached_property
     def plain_logits(self) -> torch.Tensor:
-        """(T, vocab) logits at the predicting rows from one plain (SDPA) forward, no grad."""
+        """(T, vocab) logits at the predicting rows from one plain (SDPA) forward, no grad. The LM
+        head runs on those T rows only (`logits_to_keep`), not on all N: at 7B with N ~ 600 and a
+        32k vocabulary the full logits would be ~77 MB in fp32 for nothing."""
         with torch.no_grad():
-            logits = self.model(**self.inputs).logits[0]
-        return logits[self.predict_rows].float()
+            logits = self.model(**self.inputs, logits_to_keep=self.predict_rows).logits[0]
+        return logits.float()
 
     @cached_property
     def token_probabilities(self) -> torch.Tensor:

@@ -90,7 +90,7 @@ def test_capture_cleans_up_after_an_exception(random_llava_explainer):
     assert leftover_state(explainer.model) == []
     # and a plain forward afterwards is the plain SDPA forward again
     with torch.no_grad():
-        again = explainer.model(**ctx.inputs).logits[0, ctx.predict_rows]
+        again = explainer.model(**ctx.inputs, logits_to_keep=ctx.predict_rows).logits[0]
     torch.testing.assert_close(again.float(), ctx.plain_logits, rtol=0, atol=0)
 
 
