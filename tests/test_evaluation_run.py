@@ -74,6 +74,8 @@ def test_structure(random_llava_explainer, tmp_path):
     table = format_report(report)
     assert "| dexar:token_filter=false |" in table and "epg ↑" in table
     assert "medians [95% bootstrap CI]" in table and "deletion ↓" in table
+    ok = "yes" if report["acceptance"]["dexar"]["epg_3x_area"] else "**no**"
+    assert f"| epg_3x_area | {ok} |" in table and "| mean EPG / mean mask area |" in table
     json.dumps(report)  # JSON-safe (no NaN / inf objects)
     again = report_from_file(tmp_path / "e.jsonl")  # --report-only: no model needed
     assert again["summary"] == report["summary"] and again["scenes_done"] == 3

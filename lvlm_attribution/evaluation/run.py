@@ -592,5 +592,22 @@ def format_report(report: dict[str, Any], per_kind: bool = True) -> str:
     parts = [p for p in parts if p]
     if report.get("igos_note"):
         parts.append(report["igos_note"] + "\n")
-    parts.append("acceptance: " + json.dumps(report["acceptance"]) + "\n")
+    parts.append(format_acceptance(report["acceptance"]))
     return "\n".join(parts)
+
+
+def format_acceptance(acceptance: dict[str, dict[str, Any]]) -> str:
+    """Issue 4's bar as a table: one row per check, one column per method."""
+    if not acceptance:
+        return ""
+    methods = list(acceptance)
+    checks = [k for k in next(iter(acceptance.values())) if k not in ("epg_over_area", "all")]
+    lines = ["acceptance (EPG: means, t CIs; deletion: medians, bootstrap CIs):\n",
+             "| check | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    ratio = [f"{acceptance[m]['epg_over_area']:.2f}×" if acceptance[m].get("epg_over_area")
+             else "—" for m in methods]
+    lines.append("| mean EPG / mean mask area | " + " | ".join(ratio) + " |")
+    for check in checks + ["all"]:
+        cells = ["yes" if acceptance[m].get(check) else "**no**" for m in methods]
+        lines.append(f"| {check} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
