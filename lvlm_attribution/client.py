@@ -11,18 +11,21 @@
 
 Both clients return `lvlm_attribution.api.v1.explain_pb2.ExplainResponse` (typed, with .pyi
 stubs) and raise `ServiceCallError` with the HTTP status or gRPC code and the server's message.
+A busy refusal (`is_busy`) is worth repeating: `retry_busy(lambda: client.explain(req), 60)`.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import random
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf import json_format
@@ -30,6 +33,7 @@ from google.protobuf import json_format
 from . import heatmaps
 from .api.v1 import explain_pb2 as pb
 
+T = TypeVar("T")
 DEFAULT_MODEL = "lvlm"
 STREAM_INTERRUPTED = "STREAM_INTERRUPTED"  # ServiceCallError.status when a REST stream is cut
 GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # well above gRPC's 4 MiB default receive limit
@@ -197,6 +201,36 @@ class GrpcClient:
 
         return inference_pb2.PredictionsRequest(model_name=self.model,
                                                 input={"request": request.SerializeToString()})
+
+
+def is_busy(err: ServiceCallError) -> bool:
+    """TorchServe refused because no worker was free: with job tickets it answers at once, HTTP
+    503 / gRPC INTERNAL "... no worker ..." — also right behind another request, before the
+    worker's ticket is released. Worth asking again. (gRPC UNAVAILABLE is not busy: it is what an
+    unreachable server gives.)"""
+    return err.status == 503 or (err.status == "INTERNAL" and "no worker" in err.message.lower())
+
+
+def retry_busy(call: Callable[[], T], busy_retry_s: float,
+               on_retry: Callable[[], None] | None = None) -> T:
+    """`call()`, asked again while it raises a busy ServiceCallError (`is_busy`), with jittered
+    exponential backoff (0.2 s doubling to 1 s) for up to `busy_retry_s` seconds; any other error,
+    or a busy one past the deadline, is raised. `on_retry` is called before each new attempt.
+
+        resp = retry_busy(lambda: client.explain(request), busy_retry_s=60)
+    """
+    deadline = time.monotonic() + busy_retry_s
+    delay = 0.2
+    while True:
+        try:
+            return call()
+        except ServiceCallError as err:
+            if not is_busy(err) or time.monotonic() + delay > deadline:
+                raise
+        if on_retry is not None:
+            on_retry()
+        time.sleep(delay * random.uniform(0.5, 1.0))
+        delay = min(delay * 2, 1.0)  # a busy answer is instant: asking often is cheap
 
 
 def connect(url: str, model: str = DEFAULT_MODEL, timeout: float = 120.0

@@ -57,3 +57,31 @@ def test_decode_heatmaps_and_summary() -> None:
     resp.tokens.add(index=0, id=1, text="red", probability=0.5, grounded=False)
     text = summarize(resp)
     assert "answer: red" in text and "FLAGGED" in text and "peak at row 2 col 3" in text
+
+
+def test_retry_busy_asks_again_only_while_busy(monkeypatch):
+    from lvlm_attribution import client as client_mod
+    from lvlm_attribution.client import ServiceCallError, is_busy, retry_busy
+
+    monkeypatch.setattr(client_mod.time, "sleep", lambda s: None)
+    assert is_busy(ServiceCallError(503, "Model lvlm has no worker to serve inference request"))
+    assert is_busy(ServiceCallError("INTERNAL", "Model \"lvlm\" has no worker to serve ..."))
+    assert not is_busy(ServiceCallError("UNAVAILABLE", "failed to connect"))
+    assert not is_busy(ServiceCallError(400, "question: missing"))
+    failures = [ServiceCallError(503, "busy"), ServiceCallError("INTERNAL", "no worker")]
+    retried = []
+
+    def call():
+        if failures:
+            raise failures.pop(0)
+        return "response"
+
+    assert retry_busy(call, 60, on_retry=lambda: retried.append(1)) == "response"
+    assert len(retried) == 2
+    bad = [ServiceCallError(400, "question: missing"), ServiceCallError(503, "busy")]
+    with pytest.raises(ServiceCallError) as info:
+        retry_busy(lambda: (_ for _ in ()).throw(bad.pop(0)), 60)
+    assert info.value.status == 400 and len(bad) == 1  # not retried
+    with pytest.raises(ServiceCallError) as info:  # past the deadline: the busy error itself
+        retry_busy(lambda: (_ for _ in ()).throw(ServiceCallError(503, "busy")), 0)
+    assert info.value.status == 503

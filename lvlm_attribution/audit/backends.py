@@ -14,9 +14,7 @@ Both return the same `ItemRecord`; failures are `ItemError` with a kind and the 
 
 from __future__ import annotations
 
-import random
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,22 +123,15 @@ class ServiceBackend:
         self.busy_retries = 0  # how many times a busy service was asked again (all items)
 
     def _call(self, request):
-        """One request; a busy service (TorchServe with job tickets answers HTTP 503 at once
-        when no worker is free, gRPC INTERNAL "...no worker...") is asked again
-        with jittered exponential backoff for up to `busy_retry_s` seconds."""
-        from ..client import ServiceCallError
+        """One request; a busy service is asked again for up to `busy_retry_s` seconds
+        (`client.retry_busy`: jittered exponential backoff)."""
+        from ..client import retry_busy
 
-        deadline = time.monotonic() + self.busy_retry_s
-        delay = 0.2
-        while True:
-            try:
-                return self.client.explain(request)
-            except ServiceCallError as err:
-                if not _busy(err) or time.monotonic() + delay > deadline:
-                    raise
-            self.busy_retries += 1
-            time.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 1.0)  # a busy answer is instant: asking often is cheap
+        return retry_busy(lambda: self.client.explain(request), self.busy_retry_s,
+                          on_retry=self._count_retry)
+
+    def _count_retry(self) -> None:
+        self.busy_retries += 1
 
     def explain(self, item: AuditItem, image: Image.Image, data: bytes) -> ItemRecord:
         from google.protobuf import json_format
@@ -179,12 +170,6 @@ class ServiceBackend:
 
     def close(self) -> None:
         self.client.close()
-
-
-def _busy(err: Any) -> bool:
-    message = str(getattr(err, "message", "")).lower()
-    # gRPC UNAVAILABLE is not "busy": it is what an unreachable server gives (no retry loop).
-    return err.status == 503 or (err.status == "INTERNAL" and "no worker" in message)
 
 
 def _jsonable(value: Any) -> Any:

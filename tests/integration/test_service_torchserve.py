@@ -24,7 +24,9 @@ from lvlm_attribution.client import (
     RestClient,
     ServiceCallError,
     decode_heatmap,
+    is_busy,
     make_request,
+    retry_busy,
 )
 from lvlm_attribution.world.scenes import generate
 
@@ -45,29 +47,22 @@ IMAGE = png_bytes(SCENE.image)
 
 # With useJobTicket, TorchServe frees a worker's ticket only after the previous response went out,
 # so a request sent right behind another can be refused as busy (REST 503, gRPC INTERNAL "no
-# worker"; seen in CI). Callers retry those (docs/api.md, the audit client does); so do the tests.
-BUSY_RETRIES, BUSY_SLEEP_S = 50, 0.1
+# worker"; seen in CI). Callers retry those (client.retry_busy, docs/api.md); so do the tests.
+BUSY_RETRY_S, BUSY_RETRIES, BUSY_SLEEP_S = 10.0, 50, 0.1
 
 
 def _busy(status: int | str, message: str) -> bool:
-    return status == 503 or (status == "INTERNAL" and "no worker" in message.lower())
+    return is_busy(ServiceCallError(status, message))
 
 
 class RetryBusy:
-    """A typed client whose explain() asks again while the service answers busy."""
+    """A typed client whose explain() and explain_stream() ask again while the service is busy."""
 
     def __init__(self, client) -> None:
         self.client = client
 
     def explain(self, request: pb.ExplainRequest) -> pb.ExplainResponse:
-        for _ in range(BUSY_RETRIES):
-            try:
-                return self.client.explain(request)
-            except ServiceCallError as err:
-                if not _busy(err.status, err.message):
-                    raise
-            time.sleep(BUSY_SLEEP_S)
-        return self.client.explain(request)
+        return retry_busy(lambda: self.client.explain(request), BUSY_RETRY_S)
 
     def explain_stream(self, request: pb.ExplainRequest):
         """Asked again only while nothing has arrived: a busy refusal precedes the first part."""
@@ -79,7 +74,7 @@ class RetryBusy:
                     yield part
                 return
             except ServiceCallError as err:
-                if started or attempt == BUSY_RETRIES or not _busy(err.status, err.message):
+                if started or attempt == BUSY_RETRIES or not is_busy(err):
                     raise
             time.sleep(BUSY_SLEEP_S)
 
