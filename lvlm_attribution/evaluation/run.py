@@ -533,23 +533,31 @@ def _cell(stat: dict | None) -> str:
     return f"{mean:.3f} ± {mean - low:.3f}"
 
 
+def _map_rows(entry: dict[str, Any], metrics: Sequence[str], cell: Callable[[dict | None], str],
+              with_n: bool) -> list[str]:
+    """Markdown header and one row per map for the `metrics` present in this scope."""
+    cols = [m for m in metrics if any(m in row for row in entry["maps"].values())]
+    if not cols:
+        return []
+    arrows = {m: "↑" if HIGHER_IS_BETTER[m] else "↓" for m in cols}
+    n_head, n_rule = ("n | ", "---|") if with_n else ("", "")
+    lines = [f"| map | {n_head}" + " | ".join(f"{m} {arrows[m]}" for m in cols) + " |",
+             f"|---|{n_rule}" + "---|" * len(cols)]
+    for label, row in entry["maps"].items():
+        n_cell = f"{row['scenes']} | " if with_n else ""
+        lines.append(f"| {label} | {n_cell}" + " | ".join(cell(row.get(m)) for m in cols) + " |")
+    return lines
+
+
 def format_table(report: dict[str, Any], scope: str = "all",
                  metrics: Sequence[str] = TABLE_METRICS) -> str:
     """Markdown table: one row per map, mean ± 95% CI half-width per metric."""
     entry = report["summary"].get(scope)
     if entry is None:
         return ""
-    area = entry["mask_area"]
     head = (f"**{scope}**: {entry['scenes']} scenes ({entry['scenes_with_mask']} with an evidence "
-            f"mask; mean mask area {_cell(area)})\n\n")
-    cols = [m for m in metrics if any(m in row for row in entry["maps"].values())]
-    arrows = {m: "↑" if HIGHER_IS_BETTER[m] else "↓" for m in cols}
-    lines = ["| map | n | " + " | ".join(f"{m} {arrows[m]}" for m in cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
-    for label, row in entry["maps"].items():
-        lines.append(f"| {label} | {row['scenes']} | "
-                     + " | ".join(_cell(row.get(m)) for m in cols) + " |")
-    return head + "\n".join(lines) + "\n"
+            f"mask; mean mask area {_cell(entry['mask_area'])})\n\n")
+    return head + "\n".join(_map_rows(entry, metrics, _cell, with_n=True)) + "\n"
 
 
 MEDIAN_METRICS = ("deletion", "insertion", "deletion_llr", "insertion_llr")
@@ -568,20 +576,10 @@ def format_median_table(report: dict[str, Any], scope: str = "all",
                         metrics: Sequence[str] = MEDIAN_METRICS) -> str:
     """Markdown table of the ratio-normalised perturbation AUCs: median [bootstrap 95% CI]."""
     entry = report["summary"].get(scope)
-    if entry is None:
+    rows = _map_rows(entry, metrics, _median_cell, with_n=False) if entry is not None else []
+    if not rows:
         return ""
-    cols = [m for m in metrics if any(m in row for row in entry["maps"].values())]
-    if not cols:
-        return ""
-    arrows = {m: "↑" if HIGHER_IS_BETTER[m] else "↓" for m in cols}
-    lines = [f"**{scope}**, medians [95% bootstrap CI]:\n",
-             "| map | " + " | ".join(f"{m} {arrows[m]}" for m in cols) + " |",
-             "|---|" + "---|" * len(cols)]
-    for label, row in entry["maps"].items():
-        if any(m in row for m in cols):
-            lines.append(f"| {label} | " + " | ".join(_median_cell(row.get(m)) for m in cols)
-                         + " |")
-    return "\n".join(lines) + "\n"
+    return f"**{scope}**, medians [95% bootstrap CI]:\n\n" + "\n".join(rows) + "\n"
 
 
 def format_report(report: dict[str, Any], per_kind: bool = True) -> str:
