@@ -8,6 +8,7 @@ attended bidirectionally. Adapters hold no attribution math.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -44,6 +45,9 @@ class ModelAdapter:
     lm_head_path: ClassVar[str] = "lm_head"
     text_config_key: ClassVar[str] = "text_config"  # sub-config whose attention we capture
     prefix_lm: ClassVar[bool] = False  # True: image + prefix attend bidirectionally
+    # Per-token type ids the model takes alongside input_ids, and the value answer tokens get
+    # when the answer is appended (e.g. PaliGemma's suffix = 1); None: the model takes none.
+    answer_token_type: ClassVar[tuple[str, int] | None] = None
 
     def __init__(self, model: nn.Module, processor: Any) -> None:
         self.model = model
@@ -92,6 +96,10 @@ class ModelAdapter:
         if "attention_mask" in inputs:
             ones = torch.ones_like(answer, dtype=inputs["attention_mask"].dtype)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], ones], dim=1)
+        if self.answer_token_type is not None:
+            key, value = self.answer_token_type
+            types = torch.full_like(answer, value, dtype=inputs[key].dtype)
+            inputs[key] = torch.cat([inputs[key], types], dim=1)
         return inputs
 
     def image_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -107,6 +115,32 @@ class ModelAdapter:
         return {"pixel_values": images}
 
     # ---- helpers for subclasses ------------------------------------------------------------------
+    def square_grid_positions(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Positions of the image tokens in a 1-D prompt and the side of their square grid."""
+        visual = torch.nonzero(input_ids == self.model.config.image_token_id).flatten()
+        side = math.isqrt(len(visual))
+        if side * side != len(visual):
+            raise ValueError(f"{len(visual)} visual tokens do not form a square grid")
+        return visual, side
+
+    @staticmethod
+    def whole_image_box(size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """grid_box of a processor that resizes the whole image onto the grid (no crop)."""
+        return (0.0, 0.0, float(size[0]), float(size[1]))
+
+    def make_prompt(self, inputs: dict[str, torch.Tensor], input_ids: torch.Tensor,
+                    question: str, visual: torch.Tensor, grid: tuple[int, int],
+                    image: Image.Image, grid_box: tuple[float, float, float, float],
+                    extras: dict[str, Any] | None = None) -> PreparedPrompt:
+        """The PreparedPrompt of a 1-D prompt `input_ids`, locating the question in it."""
+        question_positions = self.locate_question(input_ids, question)
+        return PreparedPrompt(
+            model_inputs=inputs, visual_positions=visual, grid=grid,
+            question_positions=question_positions,
+            question_tokens=self.tokenizer.convert_ids_to_tokens(
+                input_ids[question_positions].tolist()),
+            image_size=image.size, grid_box=grid_box, extras=dict(extras or {}))
+
     def locate_question(self, input_ids: torch.Tensor, question: str) -> torch.Tensor:
         """Positions of the question's tokens inside the prompt (last occurrence)."""
         ids = input_ids.tolist()

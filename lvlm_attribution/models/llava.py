@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
-import torch
 from PIL import Image
 
 from .base import ModelAdapter, PreparedPrompt
@@ -22,21 +19,9 @@ class LlavaAdapter(ModelAdapter):
         image = image.convert("RGB")
         inputs = self.processor(images=image, text=self.prompt_text(question), return_tensors="pt")
         input_ids = inputs["input_ids"][0]
-        visual = torch.nonzero(input_ids == self.model.config.image_token_id).flatten()
-        side = math.isqrt(len(visual))
-        if side * side != len(visual):
-            raise ValueError(f"{len(visual)} visual tokens do not form a square grid")
-        question_positions = self.locate_question(input_ids, question)
-        return PreparedPrompt(
-            model_inputs=dict(inputs),
-            visual_positions=visual,
-            grid=(side, side),
-            question_positions=question_positions,
-            question_tokens=self.tokenizer.convert_ids_to_tokens(
-                input_ids[question_positions].tolist()),
-            image_size=image.size,
-            grid_box=self._grid_box(image.size),
-        )
+        visual, side = self.square_grid_positions(input_ids)
+        return self.make_prompt(dict(inputs), input_ids, question, visual, (side, side), image,
+                                self._grid_box(image.size))
 
     def _grid_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
         """CLIP's processor resizes the shortest edge, then centre-crops a square: the grid

@@ -17,8 +17,6 @@ Prompt: PaliGemma has no chat template; the checkpoint's task prefix is part of 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from PIL import Image
 
@@ -33,6 +31,7 @@ class PaliGemmaAdapter(ModelAdapter):
     decoder_path = "model.language_model.layers"
     final_norm_path = "model.language_model.norm"
     prefix_lm = True
+    answer_token_type = ("token_type_ids", 1)  # the answer is the suffix
     task_prefix = "answer en "
 
     @property
@@ -49,32 +48,12 @@ class PaliGemmaAdapter(ModelAdapter):
                                 return_tensors="pt")
         inputs = {k: v for k, v in inputs.items() if k != "labels"}  # labels only for training
         input_ids = inputs["input_ids"][0]
-        visual = torch.nonzero(input_ids == self.model.config.image_token_id).flatten()
-        side = math.isqrt(len(visual))
-        if side * side != len(visual):
-            raise ValueError(f"{len(visual)} visual tokens do not form a square grid")
+        visual, side = self.square_grid_positions(input_ids)
         if int(visual[-1]) != len(visual) - 1:
             raise ValueError("PaliGemma expects the image tokens first")
         if "token_type_ids" not in inputs:
             inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
-        question_positions = self.locate_question(input_ids, question)
-        return PreparedPrompt(
-            model_inputs=inputs,
-            visual_positions=visual,
-            grid=(side, side),
-            question_positions=question_positions,
-            question_tokens=self.tokenizer.convert_ids_to_tokens(
-                input_ids[question_positions].tolist()),
-            image_size=image.size,
-            # SigLIP's processor resizes the whole image to a square: the grid covers all of it.
-            grid_box=(0.0, 0.0, float(image.size[0]), float(image.size[1])),
-            extras={"prefix_length": int(input_ids.shape[0]), "image": image},
-        )
-
-    def teacher_forced_inputs(self, prompt: PreparedPrompt,
-                              answer_ids: list[int]) -> dict[str, torch.Tensor]:
-        inputs = super().teacher_forced_inputs(prompt, answer_ids)
-        types = prompt.model_inputs["token_type_ids"]
-        suffix = torch.ones((1, len(answer_ids)), dtype=types.dtype)  # the answer is suffix
-        inputs["token_type_ids"] = torch.cat([types, suffix], dim=1)
-        return inputs
+        # SigLIP's processor resizes the whole image to a square: the grid covers all of it.
+        return self.make_prompt(inputs, input_ids, question, visual, (side, side), image,
+                                self.whole_image_box(image.size),
+                                {"prefix_length": int(input_ids.shape[0]), "image": image})

@@ -33,6 +33,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):  # noqa: N801  (the transformers class sp
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
     decoder_path = "model.language_model.layers"
     final_norm_path = "model.language_model.norm"
+    answer_token_type = ("mm_token_type_ids", 0)  # answer tokens are text
 
     @property
     def image_token(self) -> str:
@@ -65,20 +66,12 @@ class Qwen2_5_VLAdapter(ModelAdapter):  # noqa: N801  (the transformers class sp
             "image_grid_thw": grid_thw,
             "mm_token_type_ids": is_image.to(torch.long)[None],
         }
-        question_positions = self.locate_question(input_ids[0], question)
         resized = (w * self.patch_size, h * self.patch_size)  # (width, height) the ViT saw
-        return PreparedPrompt(
-            model_inputs=inputs,
-            visual_positions=visual,
-            grid=grid,
-            question_positions=question_positions,
-            question_tokens=self.tokenizer.convert_ids_to_tokens(
-                input_ids[0, question_positions].tolist()),
-            image_size=image.size,
-            grid_box=(0.0, 0.0, float(image.size[0]), float(image.size[1])),
-            extras={"image_grid_thw": (t, h, w), "resized_size": resized,
-                    "image": image},  # pixel_values are patches: perturbations need the image
-        )
+        return self.make_prompt(
+            inputs, input_ids[0], question, visual, grid, image,
+            self.whole_image_box(image.size),
+            {"image_grid_thw": (t, h, w), "resized_size": resized,
+             "image": image})  # pixel_values are patches: perturbations need the image
 
     @property
     def patch_size(self) -> int:
@@ -137,11 +130,3 @@ class Qwen2_5_VLAdapter(ModelAdapter):  # noqa: N801  (the transformers class sp
                 or int(ids[first - 1]) != config.vision_start_token_id
                 or int(ids[last + 1]) != config.vision_end_token_id):
             raise ValueError("image tokens are not one block between vision start and end")
-
-    def teacher_forced_inputs(self, prompt: PreparedPrompt,
-                              answer_ids: list[int]) -> dict[str, torch.Tensor]:
-        inputs = super().teacher_forced_inputs(prompt, answer_ids)
-        types = prompt.model_inputs["mm_token_type_ids"]
-        text = torch.zeros((1, len(answer_ids)), dtype=types.dtype)  # answer tokens are text
-        inputs["mm_token_type_ids"] = torch.cat([types, text], dim=1)
-        return inputs
