@@ -20,6 +20,13 @@ def _kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
+def _print(table: str, report: dict, as_json: bool) -> None:
+    """The human-readable table on stdout, or with --json on stderr and the JSON on stdout."""
+    print(table, file=sys.stderr if as_json else sys.stdout)
+    if as_json:
+        print(json.dumps(report, indent=1))
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         k, n = (int(x) for x in text.split("/"))
@@ -43,9 +50,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        print(format_report(report), file=sys.stderr if args.json else sys.stdout)
-        if args.json:
-            print(json.dumps(report, indent=1))
+        _print(format_report(report), report, args.json)
         return 0
     settings = json.loads(args.method_settings) if args.method_settings else {}
     try:
@@ -60,12 +65,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                      shard=args.shard)
     explainer = Explainer.from_pretrained(args.model, device=args.device)
     report = run_evaluation(explainer, cfg, Path(args.out) if args.out else None)
-    table = format_report(report)
-    if args.json:
-        print(table, file=sys.stderr)
-        print(json.dumps(report, indent=1))
-    else:
-        print(table)
+    _print(format_report(report), report, args.json)
     return 0
 
 
@@ -115,11 +115,7 @@ def _grounding_eval(args: argparse.Namespace) -> int:
     text = format_grounding(report)
     if report.get("calibration_literal"):
         text += "\n" + report["calibration_literal"] + "\n"
-    if args.json:
-        print(text, file=sys.stderr)
-        print(json.dumps(report, indent=1))
-    else:
-        print(text)
+    _print(text, report, args.json)
     return 0
 
 
