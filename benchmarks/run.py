@@ -183,13 +183,19 @@ def m_glimpse_replay(b: Bench) -> Result:
                    note=f"layer-by-layer replay (chunk {cfg.token_chunk})", info=_glimpse_info)
 
 
-def m_glimpse_reference(b: Bench) -> Result:
+def _per_token_reference(b: Bench, name: str, reference: Callable[[AttributionContext], object],
+                         what: str) -> Result:
+    """A per-token reference timed once on the reference context's tokens, scaled to T."""
     ctx = b.ref_context()
     n = len(ctx.answer_ids)
-    return b.timed("glimpse.reference", lambda: reference_glimpse(ctx, GlimpseConfig()),
-                   warmup=1, repeats=1, scale=b.T / n,
-                   note=f"reference_glimpse (per token forward+backward, fp64, loops): {n} "
-                        f"tokens measured, x{b.T / n:g}")
+    return b.timed(name, lambda: reference(ctx), warmup=1, repeats=1, scale=b.T / n,
+                   note=f"{what}: {n} tokens measured, x{b.T / n:g}")
+
+
+def m_glimpse_reference(b: Bench) -> Result:
+    return _per_token_reference(
+        b, "glimpse.reference", lambda ctx: reference_glimpse(ctx, GlimpseConfig()),
+        "reference_glimpse (per token forward+backward, fp64, loops)")
 
 
 def m_tmme_fast(b: Bench) -> Result:
@@ -199,12 +205,9 @@ def m_tmme_fast(b: Bench) -> Result:
 
 
 def m_tmme_reference(b: Bench) -> Result:
-    ctx = b.ref_context()
-    n = len(ctx.answer_ids)
-    return b.timed("tmme.reference", lambda: reference_tmme(ctx, TmmeConfig()),
-                   warmup=1, repeats=1, scale=b.T / n,
-                   note=f"reference_tmme (per token forward+backward, full NxN R): {n} tokens "
-                        f"measured, x{b.T / n:g}")
+    return _per_token_reference(
+        b, "tmme.reference", lambda ctx: reference_tmme(ctx, TmmeConfig()),
+        "reference_tmme (per token forward+backward, full NxN R)")
 
 
 def m_rollout_fast(b: Bench) -> Result:
