@@ -20,14 +20,15 @@ Per-token support (a logistic score in [0, 1]; higher = better supported):
                                    a^V_t / mean_answer(a^V) (clipped to [0, 10]; GLIMPSE only) ]
 The δ and a^V features are RELATIVE to the answer's own mean, so their scale does not depend on
 the model (δ is an unnormalised gradient difference, a^V ~ 1/N). The weights (w, b) are fitted by
-L2-regularised logistic regression in audit mode on planted errors (`fit_rule`; corrupted target
+L2-regularised logistic regression in audit mode on planted errors (`fit_logistic`; corrupted target
 tokens vs content-like tokens of correct answers), ONE weight set per available signal subset, so
 the rule degrades gracefully: with neither method it uses p + LLR, and `GroundingSummary.rule`
 names the signals used ("grounding-v2:llr+p", "grounding-v2:llr+p+delta", "...+align",
 "...+delta+align"). A token is flagged when s_t < 0.5 (DECISION_THRESHOLD): the fit weights the
 two classes equally, so s_t = 0.5 is its decision boundary — "more likely a planted error than a
 supported token, at even odds". Real error rates are far below even odds, so this threshold errs
-towards NOT flagging; the recall bar still holds with margin (docs/grounding.md).
+towards NOT flagging; recall stays >= 0.9 in every question kind, shape at the bar
+(docs/grounding.md).
 
 grounding-v1 (same weights) flagged below the largest threshold that kept 3% false flags on the
 pooled content tokens of the calibration seed (~0.93). That spent the whole false-flag budget

@@ -23,7 +23,6 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -201,32 +200,26 @@ def _collected(records: Sequence[dict], subset: Sequence[str]) -> bool:
                for row in r["correct_tokens"] + r["corrupted_tokens"])
 
 
-def calibrate(records: Sequence[dict], l2: float = 1e-2) -> dict[tuple[str, ...], RuleParams]:
+def calibrate(records: Sequence[dict], *, l2: float = 1e-2) -> dict[tuple[str, ...], RuleParams]:
     """Fit the weights for every optional-signal subset the records carry (module docstring); the
     threshold is the balanced fit's decision boundary, DECISION_THRESHOLD (grounding.py says
     why). A subset whose signal was not collected (its method did not run) is left out."""
     result = {}
-    for k in range(3):
-        for subset in combinations(("delta", "align"), k):
-            if not _collected(records, subset):
-                continue
-            signals = ("p", "llr", *subset)
-            xs, ys = [], []
-            for r in records:
-                good = to_tokens(r["correct_tokens"], subset)
-                like = content_like(good)
-                x = features(good, signals)
-                xs += [x[t] for t in range(len(good)) if like[t]]
-                ys += [1.0 for t in range(len(good)) if like[t]]
-                bad = to_tokens(r["corrupted_tokens"], subset)
-                xb = features(bad, signals)
-                for t, row in enumerate(r["corrupted_tokens"]):
-                    if row["target"]:
-                        xs.append(xb[t])
-                        ys.append(0.0)
-            w, b = fit_logistic(np.array(xs), np.array(ys), l2=l2)
-            result[tuple(subset)] = RuleParams(signals, tuple(round(float(v), 4) for v in w),
-                                               round(b, 4), DECISION_THRESHOLD)
+    for subset in CALIBRATION:  # every optional-signal subset the rule knows
+        if not _collected(records, subset):
+            continue
+        signals = ("p", "llr", *subset)
+        supported, unsupported = [], []
+        for r in records:
+            good = to_tokens(r["correct_tokens"], subset)
+            x = features(good, signals)
+            supported += [x[t] for t, like in enumerate(content_like(good)) if like]
+            xb = features(to_tokens(r["corrupted_tokens"], subset), signals)
+            unsupported += [xb[t] for t, row in enumerate(r["corrupted_tokens"]) if row["target"]]
+        y = np.r_[np.ones(len(supported)), np.zeros(len(unsupported))]
+        w, b = fit_logistic(np.array(supported + unsupported), y, l2=l2)
+        result[subset] = RuleParams(signals, tuple(round(float(v), 4) for v in w), round(b, 4),
+                                    DECISION_THRESHOLD)
     return result
 
 
@@ -246,11 +239,10 @@ def run_grounding_eval(explainer: Explainer, cfg: GroundingEvalConfig, out: Path
     fitted = calibrate(records) if do_calibrate else None
     calib = {**CALIBRATION, **fitted} if fitted is not None else None
     subsets = {}
-    for k in range(3):
-        for subset in combinations(("delta", "align"), k):
-            if records and _collected(records, subset):
-                scored = score_records(records, subset, calib)
-                subsets[scored["rule"]] = scored["by_scope"]
+    for subset in CALIBRATION:
+        if records and _collected(records, subset):
+            scored = score_records(records, subset, calib)
+            subsets[scored["rule"]] = scored["by_scope"]
     report = {
         "config": {**cfg.identity(), "scenes": cfg.scenes, "model_version":
                    explainer.model_version},
