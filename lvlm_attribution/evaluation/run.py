@@ -371,6 +371,8 @@ def load_done(path: Path, identity: dict[str, Any]) -> dict[int, dict]:
 # ---- aggregation ---------------------------------------------------------------------------------
 DELETION_STATISTIC = ("acceptance compares deletion AUC on the median with a percentile-bootstrap "
                       "95% CI (2000 resamples, seed 0); every metric also has mean +- t CI")
+
+
 def _stat(values: Sequence[float]) -> dict[str, Any]:
     arr = np.asarray(values, dtype=np.float64)
     finite = arr[np.isfinite(arr)]
