@@ -102,6 +102,12 @@ class Explainer:
             raise InvalidInput("answer", "tokenizes to no tokens")
         return ids
 
+    def context(self, image: Image.Image, question: str, answer: str) -> AttributionContext:
+        """The attribution context of a given answer (audit mode), for calling one method's
+        `attribute`, a reference implementation or a metric directly."""
+        return AttributionContext(self.model, self.adapter, self.prepare(image, question),
+                                  self.encode_answer(answer))
+
     # ---- explaining ----------------------------------------------------------------------------
     def explain(self, image: Image.Image, question: str, answer: str | None = None,
                 answer_token_ids: list[int] | None = None,

@@ -50,9 +50,7 @@ def image() -> Image.Image:
 
 @pytest.fixture
 def ctx(explainer, image) -> AttributionContext:
-    prompt = explainer.prepare(image, QUESTION)
-    return AttributionContext(explainer.model, explainer.adapter, prompt,
-                              explainer.encode_answer(ANSWER))
+    return explainer.context(image, QUESTION, ANSWER)
 
 
 def allowed_keys(ctx: AttributionContext) -> torch.Tensor:

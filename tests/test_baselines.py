@@ -45,9 +45,7 @@ A3 = torch.tensor([[1.0, 0.0, 0.0],
 
 def _ctx(explainer, seed: int = 7, kind: str = "color") -> AttributionContext:
     sample = generate(seed, kind)
-    prompt = explainer.prepare(Image.fromarray(sample.image), sample.question)
-    return AttributionContext(explainer.model, explainer.adapter, prompt,
-                              explainer.encode_answer(sample.answer))
+    return explainer.context(Image.fromarray(sample.image), sample.question, sample.answer)
 
 
 @pytest.fixture(scope="module")

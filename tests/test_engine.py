@@ -22,12 +22,10 @@ from lvlm_attribution.world.scenes import generate
 FAST_SETTINGS = {"igos": {"iterations": 1, "ig_iter": 2}}
 
 
-def _ctx(explainer, seed=7, kind="color", answer=None):
+def _ctx(explainer, seed=7, kind="color", answer=None) -> AttributionContext:
     sample = generate(seed, kind)
-    image = Image.fromarray(sample.image)
-    prompt = explainer.prepare(image, sample.question)
-    ids = explainer.encode_answer(answer or sample.answer)
-    return AttributionContext(explainer.model, explainer.adapter, prompt, ids)
+    return explainer.context(Image.fromarray(sample.image), sample.question,
+                             answer or sample.answer)
 
 
 def _fast_options(name: str, **kw) -> ExplainOptions:

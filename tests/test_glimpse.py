@@ -42,9 +42,7 @@ def _one_thread():
 
 def _context(explainer, seed: int = 7, kind: str = "color") -> AttributionContext:
     sample = generate(seed, kind)
-    prompt = explainer.prepare(Image.fromarray(sample.image), sample.question)
-    return AttributionContext(explainer.model, explainer.adapter, prompt,
-                              explainer.encode_answer(sample.answer))
+    return explainer.context(Image.fromarray(sample.image), sample.question, sample.answer)
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,7 @@ SMALL = {"iterations": 2, "ig_iter": 3}
 
 def make_ctx(explainer, scene) -> AttributionContext:
     image, sample = scene
-    prompt = explainer.prepare(image, sample.question)
-    return AttributionContext(explainer.model, explainer.adapter, prompt,
-                              explainer.encode_answer(sample.answer))
+    return explainer.context(image, sample.question, sample.answer)
 
 
 @pytest.mark.parametrize("fixture", ["random_llava_explainer", "embedded_explainer"])

@@ -31,9 +31,7 @@ from lvlm_attribution.perturbation import (
 
 def make_ctx(explainer, scene) -> AttributionContext:
     image, sample = scene
-    prompt = explainer.prepare(image, sample.question)
-    return AttributionContext(explainer.model, explainer.adapter, prompt,
-                              explainer.encode_answer(sample.answer))
+    return explainer.context(image, sample.question, sample.answer)
 
 
 # ---- blur baseline ------------------------------------------------------------------------------
