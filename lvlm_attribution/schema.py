@@ -82,6 +82,10 @@ class Explanation:
     model_version: str
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     grounding: GroundingSummary | None = None
+    # (left, top, right, bottom) in image pixels: the region the visual-token grid covers (a
+    # processor may crop); None = the whole image.
+    visual_box: tuple[float, float, float, float] | None = None
+    warnings: list[str] = field(default_factory=list)  # for the caller; the request succeeded
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +101,8 @@ class Explanation:
             "timings": dict(self.timings),
             "model": {"name": self.model_name, "version": self.model_version},
             "settings": {name: m.settings for name, m in self.methods.items()},
+            "visualBox": list(self.visual_box) if self.visual_box else None,
+            "warnings": list(self.warnings),
         }
 
     def _prompt_saliency(self) -> dict[str, list] | None:

@@ -22,6 +22,20 @@ class ServiceConfig:
     max_image_pixels: int = 4_000_000
     max_question_chars: int = 500
     max_answer_chars: int = 500
+    max_answer_tokens: int = 64  # an audit answer's tokens (cost of every method grows with it)
+    # Width/height or height/width of the image; beyond it resizing is pathological (a 4M x 1
+    # image would be resized to gigapixels by a shortest-edge processor).
+    max_aspect_ratio: float = 20.0
+    max_overlay_side: int = 1024  # overlays are rendered with the longer side at most this
+    # Every request ends by this many seconds (DEADLINE_EXCEEDED / HTTP 504) and the worker goes
+    # on serving; must stay below TorchServe's responseTimeout, which kills the worker instead.
+    request_deadline_s: float = 60.0
+    # Encoded responses above this are refused with a 400 naming the options that made them
+    # large; must stay below TorchServe's max_response_size (a larger frame kills the worker).
+    max_response_bytes: int = 15 * 1024 * 1024
+    # Per-method upper bounds overriding the registry's (method -> setting -> max), e.g.
+    # {"igos": {"iterations": 10}}.
+    method_limits: dict[str, dict[str, float]] | None = None
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None) -> ServiceConfig:

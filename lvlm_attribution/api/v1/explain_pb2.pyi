@@ -34,7 +34,7 @@ class HeatmapOptions(_message.Message):
     def __init__(self, per_token_maps: _Optional[bool] = ..., encoding: _Optional[_Union[HeatmapEncoding, str]] = ..., overlay: _Optional[bool] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("image", "question", "answer", "methods", "generation", "heatmaps", "request_id", "method_settings", "stream")
+    __slots__ = ("image", "question", "answer", "methods", "generation", "heatmaps", "request_id", "method_settings", "stream", "timeout_ms")
     class MethodSettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class ExplainRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     question: str
     answer: str
@@ -60,7 +61,8 @@ class ExplainRequest(_message.Message):
     request_id: str
     method_settings: _containers.MessageMap[str, _struct_pb2.Struct]
     stream: bool
-    def __init__(self, image: _Optional[bytes] = ..., question: _Optional[str] = ..., answer: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., heatmaps: _Optional[_Union[HeatmapOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., method_settings: _Optional[_Mapping[str, _struct_pb2.Struct]] = ..., stream: _Optional[bool] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, image: _Optional[bytes] = ..., question: _Optional[str] = ..., answer: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., heatmaps: _Optional[_Union[HeatmapOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., method_settings: _Optional[_Mapping[str, _struct_pb2.Struct]] = ..., stream: _Optional[bool] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class Token(_message.Message):
     __slots__ = ("index", "id", "text", "probability", "llr", "weights", "grounded")
@@ -155,8 +157,20 @@ class ImageSize(_message.Message):
     height: int
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
+class ImageBox(_message.Message):
+    __slots__ = ("left", "top", "right", "bottom")
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    RIGHT_FIELD_NUMBER: _ClassVar[int]
+    BOTTOM_FIELD_NUMBER: _ClassVar[int]
+    left: float
+    top: float
+    right: float
+    bottom: float
+    def __init__(self, left: _Optional[float] = ..., top: _Optional[float] = ..., right: _Optional[float] = ..., bottom: _Optional[float] = ...) -> None: ...
+
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "answer", "audit_mode", "tokens", "heatmaps", "prompt_saliency", "grounding", "timings", "model", "method_settings", "image_size", "part")
+    __slots__ = ("request_id", "answer", "audit_mode", "tokens", "heatmaps", "prompt_saliency", "grounding", "timings", "model", "method_settings", "image_size", "part", "warnings", "visual_box")
     class Part(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PART_UNSPECIFIED: _ClassVar[ExplainResponse.Part]
@@ -191,6 +205,8 @@ class ExplainResponse(_message.Message):
     METHOD_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    VISUAL_BOX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     answer: str
     audit_mode: bool
@@ -203,4 +219,6 @@ class ExplainResponse(_message.Message):
     method_settings: _containers.MessageMap[str, _struct_pb2.Struct]
     image_size: ImageSize
     part: ExplainResponse.Part
-    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., audit_mode: _Optional[bool] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., prompt_saliency: _Optional[_Union[PromptSaliency, _Mapping]] = ..., grounding: _Optional[_Union[Grounding, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., method_settings: _Optional[_Mapping[str, _struct_pb2.Struct]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., part: _Optional[_Union[ExplainResponse.Part, str]] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    visual_box: ImageBox
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., audit_mode: _Optional[bool] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., prompt_saliency: _Optional[_Union[PromptSaliency, _Mapping]] = ..., grounding: _Optional[_Union[Grounding, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., method_settings: _Optional[_Mapping[str, _struct_pb2.Struct]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., part: _Optional[_Union[ExplainResponse.Part, str]] = ..., warnings: _Optional[_Iterable[str]] = ..., visual_box: _Optional[_Union[ImageBox, _Mapping]] = ...) -> None: ...
