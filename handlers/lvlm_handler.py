@@ -1,23 +1,34 @@
 """TorchServe handler for model `lvlm`: decode -> engine -> encode, nothing else.
 
-All decoding, validation, method dispatch and encoding live in `lvlm_attribution.service`
-(transport-agnostic, tested without TorchServe). This module only adapts TorchServe:
+All decoding, validation, budgets, method dispatch and encoding live in `lvlm_attribution.service`
+(transport-agnostic, tested without TorchServe). This module only adapts TorchServe 0.12:
 
-- settings: the `handler:` section of model-config.yaml -> ServiceConfig;
+- settings: the `handler:` section of model-config.yaml -> ServiceConfig, checked against the
+  model's responseTimeout (the service's deadline must end a request before TorchServe kills the
+  worker for it);
 - transport: the worker's request headers hold one {"content-type": ...} dict per input plus, for
-  REST only, the HTTP headers as strings (Host, User-Agent, explain, ...): the metric label is
-  "rest" when any string header is present, else "grpc";
-- streaming: every reply but the last goes out with send_intermediate_predict_response (gRPC
-  StreamPredictions messages / REST HTTP chunks); the last is the return value;
+  REST only, the HTTP headers as strings (Host, User-Agent, explain, ...): "rest" when any string
+  header is present, else "grpc";
+- streaming: only REST streams (HTTP chunks via send_intermediate_predict_response). TorchServe's
+  frontend sends the backend the same message for gRPC Predictions and StreamPredictions
+  (InferenceImpl.prediction -> ModelRequestEncoder: no command, no header tells them apart), and
+  an intermediate reply to a unary Predictions throws "Stream is already completed" in the
+  frontend's worker thread, which then never restarts the worker. So a gRPC request is always
+  answered with exactly one message, marked `ts_stream_next: false` so that StreamPredictions
+  completes (GRPCJob.response reads that header without a null check: "Worker died." without it);
 - errors: ServiceError -> PredictionException(message, status): 400 -> HTTP 400 / gRPC
-  INVALID_ARGUMENT, 413 (out of memory) -> HTTP 507 / RESOURCE_EXHAUSTED, 500 -> INTERNAL. The
-  worker keeps serving either way;
-- metrics: the core's observations -> TorchServe's metrics API (declared in deploy/metrics.yaml).
+  INVALID_ARGUMENT, 413 (out of memory) -> HTTP 507 / RESOURCE_EXHAUSTED, 504 (deadline) ->
+  DEADLINE_EXCEEDED, 500 -> INTERNAL. The worker keeps serving either way. Caller mistakes are
+  logged as one line, not as TorchServe's traceback;
+- metrics: the core's observations -> TorchServe's metrics API (declared in deploy/metrics.yaml),
+  including, at start-up, the requests a dead predecessor left unanswered (outcome worker_died).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.metrics.metric_type_enum import MetricTypes
@@ -25,9 +36,11 @@ from ts.utils.util import PredictionException
 
 from lvlm_attribution.engine import Explainer
 from lvlm_attribution.service import ExplainService, ServiceConfig, ServiceError
+from lvlm_attribution.service.inflight import InflightJournal
 
 log = logging.getLogger(__name__)
 METRIC_TYPES = {"counter": MetricTypes.COUNTER, "histogram": MetricTypes.HISTOGRAM}
+TS_DEFAULT_RESPONSE_TIMEOUT_S = 120  # TorchServe's default_response_timeout
 
 
 class LVLMHandler:
@@ -37,7 +50,9 @@ class LVLMHandler:
         self.initialized = False
 
     def initialize(self, context) -> None:
-        cfg = ServiceConfig.from_mapping((context.model_yaml_config or {}).get("handler"))
+        model_yaml = context.model_yaml_config or {}
+        cfg = ServiceConfig.from_mapping(model_yaml.get("handler"))
+        cfg.check_server_limits(model_yaml.get("responseTimeout", TS_DEFAULT_RESPONSE_TIMEOUT_S))
         props = context.system_properties
         model_dir = cfg.resolve_model_dir(props.get("model_dir") or ".")
         device = cfg.device
@@ -45,8 +60,12 @@ class LVLMHandler:
             device = f"cuda:{props['gpu_id']}"  # the GPU TorchServe assigned to this worker
         log.info("loading %s on %s (%s)", model_dir, device, cfg.dtype)
         engine = Explainer.from_pretrained(model_dir, device=device, dtype=cfg.dtype)
-        self.service = ExplainService(engine, cfg)
         self.model_name = context.model_name
+        journal_dir = cfg.inflight_dir or Path(tempfile.gettempdir()) / (
+            f"lvlm-inflight-{self.model_name}")
+        self.service = ExplainService(engine, cfg, InflightJournal(journal_dir))
+        self._emit(self.service.recovered_observations(), context)
+        _log_caller_errors_briefly()
         self.initialized = True
 
     def handle(self, data: list[dict], context) -> list[bytes]:
@@ -57,8 +76,9 @@ class LVLMHandler:
         # Per-input entries are dicts ({"content-type": ...}); HTTP headers are strings.
         headers = {k.lower(): v for k, v in (context.get_all_request_header(idx) or {}).items()
                    if isinstance(v, str)}
-        call = self.service.call(item, "rest" if headers else "grpc",
-                                 headers.get("content-type", ""))
+        transport = "rest" if headers else "grpc"
+        call = self.service.call(item, transport, headers.get("content-type", ""),
+                                 can_stream=transport == "rest")
         try:
             for reply in call.replies():
                 if not reply.final:  # sent now: the caller sees the answer before attributions
@@ -68,6 +88,8 @@ class LVLMHandler:
             raise PredictionException(err.message, err.status) from err
         finally:
             self._emit(call.observations, context)
+        if transport == "grpc":
+            context.set_response_header(idx, "ts_stream_next", "false")
         context.set_response_content_type(idx, reply.content_type)
         return reply.body
 
@@ -80,3 +102,22 @@ class LVLMHandler:
                 metric.add_or_update(obs.value, [labels[d] for d in metric.dimension_names])
             except Exception:
                 log.warning("could not emit metric %s", obs.name, exc_info=True)
+
+
+class _BriefCallerErrors(logging.Filter):
+    """TorchServe logs every PredictionException with a full traceback (ts.service.predict). For
+    a caller's mistake (status < 500) one line is enough; server errors keep the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, PredictionException) and exc.error_code < 500:
+            record.msg, record.args = "request refused (%s): %s", (exc.error_code, exc.message)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _log_caller_errors_briefly() -> None:
+    logger = logging.getLogger("ts.service")
+    if not any(isinstance(f, _BriefCallerErrors) for f in logger.filters):
+        logger.addFilter(_BriefCallerErrors())

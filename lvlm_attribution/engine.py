@@ -12,17 +12,21 @@ import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
+from . import images
 from . import methods as _methods  # noqa: F401  (registers every method)
 from .context import AttributionContext
+from .deadline import Deadline, enforced
 from .grounding import ground
 from .llr import token_llr
-from .methods.registry import get_method, list_methods, settings_dict
+from .methods.registry import SettingError, get_method, list_methods, settings_dict
 from .models import PreparedPrompt, adapter_for
 from .schema import ExplainOptions, Explanation, MethodOutput, TokenInfo
 
@@ -78,29 +82,51 @@ class Explainer:
     def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
         if not question or not question.strip():
             raise InvalidInput("question", "must not be empty")
-        return self.adapter.prepare(image, question)
+        self._refuse_special_tokens(question, "question")
+        # An image given as a PIL object gets what `load_image` gives decoded bytes (upright,
+        # 8-bit RGB, transparency over white), so the library and the service agree.
+        return self.adapter.prepare(images.to_rgb(image), question)
 
     @torch.no_grad()
-    def generate_ids(self, prompt: PreparedPrompt, max_new_tokens: int) -> list[int]:
+    def generate_ids(self, prompt: PreparedPrompt, max_new_tokens: int,
+                     deadline: Deadline | None = None) -> list[int]:
         """Greedy answer token ids, without the end-of-sequence token."""
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in prompt.model_inputs.items()}
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        with enforced(deadline, self.adapter.decoder_layers()):
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         ids = out[0, prompt.prompt_length:].tolist()
         eos = self.adapter.eos_token_ids
         return ids[: next((i for i, t in enumerate(ids) if t in eos), len(ids))]
 
-    def generate(self, image: Image.Image, question: str, max_new_tokens: int) -> list[int]:
-        return self.generate_ids(self.prepare(image, question), max_new_tokens)
+    def generate(self, image: Image.Image, question: str, max_new_tokens: int,
+                 deadline: Deadline | None = None) -> list[int]:
+        return self.generate_ids(self.prepare(image, question), max_new_tokens, deadline)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def encode_answer(self, answer: str) -> list[int]:
+        self._refuse_special_tokens(answer, "answer")
         ids = self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
         if not ids:
             raise InvalidInput("answer", "tokenizes to no tokens")
         return ids
+
+    def _refuse_special_tokens(self, text: str, field: str) -> None:
+        """A caller's text must not smuggle in the chat template's control tokens (an extra
+        `<image>` would ask for a second image, an end-of-turn token would rewrite the prompt)."""
+        for token in self._special_token_texts:
+            if token in text:
+                raise InvalidInput(field, f"contains the model's special token {token!r}; "
+                                   "special tokens cannot be part of a question or an answer")
+
+    @cached_property
+    def _special_token_texts(self) -> tuple[str, ...]:
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        texts = set(self.tokenizer.all_special_tokens)
+        texts.update(t.content for t in added.values() if getattr(t, "special", False))
+        return tuple(sorted(t for t in texts if t and not t.isspace()))
 
     def context(self, image: Image.Image, question: str, answer: str) -> AttributionContext:
         """The attribution context of a given answer (audit mode), for calling one method's
@@ -111,26 +137,35 @@ class Explainer:
     # ---- explaining ----------------------------------------------------------------------------
     def explain(self, image: Image.Image, question: str, answer: str | None = None,
                 answer_token_ids: list[int] | None = None,
-                options: ExplainOptions | None = None) -> Explanation:
+                options: ExplainOptions | None = None,
+                deadline: Deadline | None = None) -> Explanation:
+        """Explain one answer; past `deadline` (if any) it raises DeadlineExceeded."""
         options = options or ExplainOptions()
         configs = self._configs(options)
+        with enforced(deadline, self.adapter.decoder_layers()):
+            return self._explain(image, question, answer, answer_token_ids, options, configs,
+                                 deadline)
+
+    def _explain(self, image, question, answer, answer_token_ids, options, configs,
+                 deadline) -> Explanation:
         timings: dict[str, float] = {}
-        with _timed(timings, "prepare"):
+        with _timed(timings, "prepare", deadline):
             prompt = self.prepare(image, question)
         audit = answer is not None or answer_token_ids is not None
-        with _timed(timings, "generate" if not audit else "tokenize"):
+        with _timed(timings, "generate" if not audit else "tokenize", deadline):
             ids = self._answer_ids(prompt, answer, answer_token_ids, options.max_new_tokens)
         ctx = AttributionContext(self.model, self.adapter, prompt, ids)
-        with _timed(timings, "forward"):
+        with _timed(timings, "forward", deadline):
             probabilities = ctx.token_probabilities.cpu().tolist()
-        with _timed(timings, "llr"):
+        with _timed(timings, "llr", deadline):
             # The cheapest hallucination signal: one extra forward (batched with the blurred
             # image), shared with iGOS++ through the context cache.
             llrs = token_llr(ctx).cpu().tolist()
         outputs: dict[str, MethodOutput] = {}
         for name, cfg in configs.items():
-            with _timed(timings, name):
+            with _timed(timings, name, deadline):
                 outputs[name] = get_method(name).attribute(ctx, cfg)
+            _require_finite(name, outputs[name], options)
             if not options.per_token_maps:
                 outputs[name].per_token_maps = None
         tokens = self._tokens(ids, probabilities, llrs, outputs)
@@ -139,7 +174,7 @@ class Explainer:
             answer=self.decode(ids), answer_token_ids=ids, tokens=tokens, grounding=grounding,
             methods=outputs, question_tokens=prompt.question_tokens, grid=prompt.grid,
             image_size=prompt.image_size, audit_mode=audit, model_name=self.model_name,
-            model_version=self.model_version, timings=timings,
+            model_version=self.model_version, timings=timings, visual_box=prompt.grid_box,
         )
 
     def explain_batch(self, items, options: ExplainOptions | None = None) -> list[Explanation]:
@@ -150,6 +185,11 @@ class Explainer:
 
         return explain_batch(self, items, options)
 
+    def check_options(self, options: ExplainOptions) -> None:
+        """Raise InvalidInput for any method or setting `explain` would refuse, before any
+        model work is spent on the request."""
+        self._configs(options)
+
     def _configs(self, options: ExplainOptions) -> dict:
         configs = {}
         for name in options.methods:
@@ -159,9 +199,11 @@ class Explainer:
                 raise InvalidInput("methods", f"unknown method {name!r}; available: "
                                    f"{list_methods()}") from None
             try:
-                configs[name] = spec.make_config(options.method_settings.get(name))
-            except (TypeError, ValueError) as err:
-                raise InvalidInput(f"method_settings.{name}", str(err)) from None
+                configs[name] = spec.make_config(options.method_settings.get(name),
+                                                 options.setting_limits.get(name))
+            except SettingError as err:
+                raise InvalidInput(f"method_settings.{name}.{err.setting}",
+                                   err.message) from None
         unknown = sorted(set(options.method_settings) - set(options.methods))
         if unknown:
             raise InvalidInput("method_settings", f"settings for methods not requested: {unknown}")
@@ -192,6 +234,18 @@ class Explainer:
         return tokens
 
 
+def _require_finite(name: str, out: MethodOutput, options: ExplainOptions) -> None:
+    """A non-finite map cannot be encoded or trusted: the caller's settings caused it (a 400
+    naming them) or, at the defaults, it is our bug."""
+    if np.isfinite(np.asarray(out.visual_map)).all():
+        return
+    if options.method_settings.get(name):
+        defaults = Explainer.default_settings(name)
+        raise InvalidInput(f"method_settings.{name}", "these settings produce a non-finite map "
+                           f"(NaN or infinity); the defaults are {defaults}")
+    raise FloatingPointError(f"method {name!r} produced a non-finite map at its defaults")
+
+
 def weights_version(model_dir: Path) -> str:
     """A short content hash of the weight files: the version an audit can pin."""
     digest = hashlib.sha256()
@@ -204,7 +258,10 @@ def weights_version(model_dir: Path) -> str:
 
 
 @contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+def _timed(timings: dict[str, float], stage: str,
+           deadline: Deadline | None = None) -> Iterator[None]:
+    if deadline is not None:
+        deadline.check(stage)  # also names the stage a later layer-hook stop happens in
     start = time.perf_counter()
     try:
         yield

@@ -19,6 +19,9 @@ class ExplainOptions:
     per_token_maps: bool = False
     # Per-method overrides of config fields, e.g. {"glimpse": {"tau": 0.5}}.
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per-method upper bounds replacing the registry's cost limits, e.g. {"igos": {"iterations":
+    # 10}} (a deployment's choice; see MethodSpec.limits).
+    setting_limits: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass

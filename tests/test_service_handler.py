@@ -102,17 +102,36 @@ def test_out_of_memory_is_413_and_the_handler_keeps_serving(caplog) -> None:
     assert pb.ExplainResponse.FromString(out[0]).answer == "red"
 
 
-def test_streaming_sends_the_answer_as_an_intermediate_response(monkeypatch) -> None:
+def test_rest_streaming_sends_the_answer_as_an_intermediate_response(monkeypatch) -> None:
+    from google.protobuf import json_format
+
     sent = []
     monkeypatch.setattr(handler_module, "send_intermediate_predict_response",
                         lambda ret, ids, msg, code, ctx: sent.append((ret, code)))
-    ctx = make_context(GRPC_HEADERS)
-    out = make_handler().handle([{"request": request(stream=True).SerializeToString()}], ctx)
+    ctx = make_context(REST_HEADERS)
+    out = make_handler().handle([{"body": json_format.MessageToDict(request(stream=True))}], ctx)
     assert len(sent) == 1 and sent[0][1] == 200
-    first = pb.ExplainResponse.FromString(sent[0][0][0])
-    last = pb.ExplainResponse.FromString(out[0])
+    first = json_format.Parse(sent[0][0][0], pb.ExplainResponse())
+    last = json_format.Parse(out[0], pb.ExplainResponse())
     assert first.part == pb.ExplainResponse.PART_ANSWER and not first.heatmaps
     assert last.part == pb.ExplainResponse.PART_COMPLETE and last.heatmaps
+    assert not last.warnings
+
+
+def test_grpc_never_streams_and_always_completes_the_stream(monkeypatch) -> None:
+    """Unary Predictions and StreamPredictions look the same to the handler: one message, marked
+    as the last (TorchServe would otherwise kill or wedge the worker)."""
+    sent = []
+    monkeypatch.setattr(handler_module, "send_intermediate_predict_response",
+                        lambda *args: sent.append(args))
+    for stream in (True, False):
+        ctx = make_context(GRPC_HEADERS)
+        out = make_handler().handle([{"request": request(stream=stream).SerializeToString()}],
+                                    ctx)
+        resp = pb.ExplainResponse.FromString(out[0])
+        assert not sent and resp.heatmaps
+        assert ctx.get_response_headers(0).get("ts_stream_next") == "false"
+        assert ("cannot stream" in "".join(resp.warnings)) == stream
 
 
 def test_handler_is_thin() -> None:

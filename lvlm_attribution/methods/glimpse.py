@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -85,6 +86,8 @@ class GlimpseConfig:
     flow_links: str = "attended"  # "attended": earlier content tokens it attends to in R;
     #                                "either": also later content tokens that attend to it
     token_chunk: int = 8  # answer tokens per batched backward (memory knob, exact either way)
+    # Largest token_chunk the service accepts: memory grows with it (answers are <= 64 tokens).
+    COST_LIMITS: ClassVar[dict[str, int]] = {"token_chunk": 64}
     # Memory knob, exact either way. "full": one capture forward keeps every propagated layer's
     # N x N attention in the autograd graph (~ 6·H·N² bytes per layer in bf16: the fp32 softmax
     # output and its bf16 copy). "replay": one plain forward saves each layer's input hidden

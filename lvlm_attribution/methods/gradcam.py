@@ -26,6 +26,7 @@ them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -42,6 +43,8 @@ class GradCamConfig:
     # -2 = input of the last layer (see the module docstring); -1 is rejected (zero gradients).
     layer: int = -2
     token_chunk: int = 8  # answer tokens per vectorized backward
+    # Largest token_chunk the service accepts: memory grows with it (answers are <= 64 tokens).
+    COST_LIMITS: ClassVar[dict[str, int]] = {"token_chunk": 64}
 
     def validate(self) -> None:
         if self.layer == -1:

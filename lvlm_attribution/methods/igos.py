@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,10 @@ class IgosConfig:
     tv_beta: float = 2.0
     seed: int = 0  # seeds the interpolant noise (and the noise baseline)
     batch_size: int = 20  # images per forward/backward; ≥ 2·ig_iter = one pass per iteration
+    # Largest values the service accepts (cost grows with iterations·ig_iter·mask area; memory
+    # with batch_size); ServiceConfig.method_limits overrides them per deployment.
+    COST_LIMITS: ClassVar[dict[str, int]] = {"iterations": 20, "ig_iter": 32, "mask_size": 64,
+                                             "batch_size": 64}
 
     def validate(self) -> None:
         if self.baseline not in BASELINES:

@@ -23,6 +23,7 @@ loops over heads and layers); a test checks the two agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -37,6 +38,8 @@ from .registry import register_method
 class TmmeConfig:
     last_k_layers: int | None = None  # None = all layers (paper); k = only the last k layers
     token_chunk: int = 8  # answer tokens per vectorized backward (memory vs speed)
+    # Largest token_chunk the service accepts: memory grows with it (answers are <= 64 tokens).
+    COST_LIMITS: ClassVar[dict[str, int]] = {"token_chunk": 64}
 
     def validate(self) -> None:
         if self.last_k_layers is not None and self.last_k_layers < 1:

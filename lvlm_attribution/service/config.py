@@ -36,6 +36,27 @@ class ServiceConfig:
     # Per-method upper bounds overriding the registry's (method -> setting -> max), e.g.
     # {"igos": {"iterations": 10}}.
     method_limits: dict[str, dict[str, float]] | None = None
+    # Where the worker journals in-flight requests so a request whose worker died is counted
+    # (outcome worker_died) by the next worker; None = $TMPDIR/lvlm-inflight-<model name>.
+    inflight_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("max_new_tokens_cap", "max_image_bytes", "max_image_pixels",
+                    "max_question_chars", "max_answer_chars", "max_answer_tokens",
+                    "max_aspect_ratio", "max_overlay_side", "request_deadline_s",
+                    "max_response_bytes")
+        bad = [name for name in positive if not getattr(self, name) > 0]
+        if bad:
+            raise ValueError(f"handler settings {bad} must be > 0")
+        if self.default_max_new_tokens < 1:
+            raise ValueError("handler setting default_max_new_tokens must be >= 1")
+
+    def check_server_limits(self, response_timeout_s: float | None) -> None:
+        """Refuse settings that would let a request outlive TorchServe's responseTimeout (which
+        kills the worker): the deadline must leave room for the last backward and the encoding."""
+        if response_timeout_s is not None and self.request_deadline_s > 0.8 * response_timeout_s:
+            raise ValueError(f"request_deadline_s {self.request_deadline_s} must be at most 80% "
+                             f"of responseTimeout ({response_timeout_s} s)")
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None) -> ServiceConfig:

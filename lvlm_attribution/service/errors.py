@@ -3,14 +3,23 @@ the outcome label counted in `lvlm_requests_total`."""
 
 from __future__ import annotations
 
+# TorchServe's own mapping of a handler's status to gRPC codes (GRPCUtils.getGRPCStatusCode).
+GRPC_CODES = {400: "INVALID_ARGUMENT", 413: "RESOURCE_EXHAUSTED", 504: "DEADLINE_EXCEEDED",
+              503: "UNAVAILABLE", 500: "INTERNAL"}
+
 
 class ServiceError(Exception):
     status = 500  # TorchServe maps it: 400 -> INVALID_ARGUMENT, 413 -> RESOURCE_EXHAUSTED, ...
     outcome = "error"
+    field = ""  # the request field to blame, when there is one
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def grpc_code(self) -> str:
+        return GRPC_CODES.get(self.status, "INTERNAL")
 
 
 class InvalidRequest(ServiceError):
@@ -32,6 +41,22 @@ class OutOfMemory(ServiceError):
 
     status = 413
     outcome = "out_of_memory"
+
+
+class ResponseTooLarge(InvalidRequest):
+    """The options ask for a response above the size budget (TorchServe's max_response_size
+    would otherwise kill the worker on the oversized frame). A 400: the same request fails the
+    same way again; the message names the option to drop."""
+
+    outcome = "response_too_large"
+
+
+class DeadlineExceeded(ServiceError):
+    """The request ran past its deadline (the caller's timeout_ms or the server's budget) and was
+    stopped; the worker goes on serving. HTTP 504 / gRPC DEADLINE_EXCEEDED."""
+
+    status = 504
+    outcome = "deadline_exceeded"
 
 
 class InternalError(ServiceError):

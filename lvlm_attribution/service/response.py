@@ -11,6 +11,7 @@ from google.protobuf import struct_pb2
 from .. import heatmaps
 from ..api.v1 import explain_pb2 as pb
 from ..schema import Explanation, MethodOutput
+from .errors import ServiceError
 from .validation import Job
 
 WIRE_ENCODINGS = {"png_u8": pb.HEATMAP_ENCODING_PNG_U8, "f16_zlib": pb.HEATMAP_ENCODING_F16_ZLIB}
@@ -39,7 +40,7 @@ def full_response(job: Job, expl: Explanation, audit: bool) -> pb.ExplainRespons
         if tok.grounded is not None:
             out.grounded = tok.grounded
     for name in job.options.methods:
-        msg.heatmaps.append(_heatmap(name, expl.methods[name], job))
+        msg.heatmaps.append(_heatmap(name, expl.methods[name], job, expl.visual_box))
         msg.method_settings[name].CopyFrom(_struct(expl.methods[name].settings))
     for name in job.options.methods:  # prompt saliency: the first method that provides one
         weights = expl.methods[name].prompt_saliency
@@ -54,10 +55,28 @@ def full_response(job: Job, expl: Explanation, audit: bool) -> pb.ExplainRespons
         msg.grounding.rule = expl.grounding.rule
     msg.model.name, msg.model.version = expl.model_name, expl.model_version
     msg.image_size.width, msg.image_size.height = job.image.size
+    if expl.visual_box is not None:
+        msg.visual_box.CopyFrom(_box(expl.visual_box))
     return msg
 
 
-def _heatmap(name: str, out: MethodOutput, job: Job) -> pb.Heatmap:
+def _box(box: tuple[float, float, float, float]) -> pb.ImageBox:
+    left, top, right, bottom = box
+    return pb.ImageBox(left=left, top=top, right=right, bottom=bottom)
+
+
+def error_response(request_id: str, err: ServiceError) -> pb.ExplainResponse:
+    """The last message of a stream that failed after its answer went out."""
+    msg = pb.ExplainResponse(request_id=request_id, part=pb.ExplainResponse.PART_ERROR)
+    msg.error.http_status = err.status
+    msg.error.grpc_code = err.grpc_code
+    msg.error.field = err.field
+    msg.error.message = err.message
+    return msg
+
+
+def _heatmap(name: str, out: MethodOutput, job: Job,
+             box: tuple[float, float, float, float] | None) -> pb.Heatmap:
     grid = np.asarray(out.visual_map, dtype=np.float32)
     enc = heatmaps.encode(grid, job.encoding)
     msg = pb.Heatmap(method=name, height=grid.shape[0], width=grid.shape[1],
@@ -68,7 +87,9 @@ def _heatmap(name: str, out: MethodOutput, job: Job) -> pb.Heatmap:
             e = heatmaps.encode(token_map, job.encoding)
             msg.per_token.add(data=e.data, min_value=e.min_value, max_value=e.max_value)
     if job.overlay:
-        msg.overlay_png = heatmaps.overlay_png(job.image, grid)
+        # Only the region the model saw is coloured; the side cap bounds the response size.
+        msg.overlay_png = heatmaps.overlay_png(job.image, grid, box=box,
+                                               max_side=job.max_overlay_side)
     return msg
 
 

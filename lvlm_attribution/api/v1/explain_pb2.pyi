@@ -170,15 +170,17 @@ class ImageBox(_message.Message):
     def __init__(self, left: _Optional[float] = ..., top: _Optional[float] = ..., right: _Optional[float] = ..., bottom: _Optional[float] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "answer", "audit_mode", "tokens", "heatmaps", "prompt_saliency", "grounding", "timings", "model", "method_settings", "image_size", "part", "warnings", "visual_box")
+    __slots__ = ("request_id", "answer", "audit_mode", "tokens", "heatmaps", "prompt_saliency", "grounding", "timings", "model", "method_settings", "image_size", "part", "warnings", "visual_box", "error")
     class Part(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PART_UNSPECIFIED: _ClassVar[ExplainResponse.Part]
         PART_ANSWER: _ClassVar[ExplainResponse.Part]
         PART_COMPLETE: _ClassVar[ExplainResponse.Part]
+        PART_ERROR: _ClassVar[ExplainResponse.Part]
     PART_UNSPECIFIED: ExplainResponse.Part
     PART_ANSWER: ExplainResponse.Part
     PART_COMPLETE: ExplainResponse.Part
+    PART_ERROR: ExplainResponse.Part
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +209,7 @@ class ExplainResponse(_message.Message):
     PART_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     VISUAL_BOX_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     answer: str
     audit_mode: bool
@@ -221,4 +224,17 @@ class ExplainResponse(_message.Message):
     part: ExplainResponse.Part
     warnings: _containers.RepeatedScalarFieldContainer[str]
     visual_box: ImageBox
-    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., audit_mode: _Optional[bool] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., prompt_saliency: _Optional[_Union[PromptSaliency, _Mapping]] = ..., grounding: _Optional[_Union[Grounding, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., method_settings: _Optional[_Mapping[str, _struct_pb2.Struct]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., part: _Optional[_Union[ExplainResponse.Part, str]] = ..., warnings: _Optional[_Iterable[str]] = ..., visual_box: _Optional[_Union[ImageBox, _Mapping]] = ...) -> None: ...
+    error: Error
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., audit_mode: _Optional[bool] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., prompt_saliency: _Optional[_Union[PromptSaliency, _Mapping]] = ..., grounding: _Optional[_Union[Grounding, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., method_settings: _Optional[_Mapping[str, _struct_pb2.Struct]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., part: _Optional[_Union[ExplainResponse.Part, str]] = ..., warnings: _Optional[_Iterable[str]] = ..., visual_box: _Optional[_Union[ImageBox, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("http_status", "grpc_code", "field", "message")
+    HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    GRPC_CODE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    http_status: int
+    grpc_code: str
+    field: str
+    message: str
+    def __init__(self, http_status: _Optional[int] = ..., grpc_code: _Optional[str] = ..., field: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
