@@ -104,20 +104,19 @@ class LVLMHandler:
                 log.warning("could not emit metric %s", obs.name, exc_info=True)
 
 
-class _BriefCallerErrors(logging.Filter):
-    """TorchServe logs every PredictionException with a full traceback (ts.service.predict). For
-    a caller's mistake (status < 500) one line is enough; server errors keep the traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, PredictionException) and exc.error_code < 500:
-            record.msg, record.args = "request refused (%s): %s", (exc.error_code, exc.message)
-            record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
+def _brief_caller_errors(record: logging.LogRecord) -> bool:
+    """A logging filter (a function: TorchServe wants exactly one class in a handler module).
+    TorchServe logs every PredictionException with a full traceback (ts.service.predict); for a
+    caller's mistake (status < 500) one line is enough; server errors keep the traceback."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, PredictionException) and exc.error_code < 500:
+        record.msg, record.args = "request refused (%s): %s", (exc.error_code, exc.message)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
 
 
 def _log_caller_errors_briefly() -> None:
     logger = logging.getLogger("ts.service")
-    if not any(isinstance(f, _BriefCallerErrors) for f in logger.filters):
-        logger.addFilter(_BriefCallerErrors())
+    if _brief_caller_errors not in logger.filters:
+        logger.addFilter(_brief_caller_errors)

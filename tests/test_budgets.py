@@ -201,7 +201,7 @@ def test_special_tokens_cannot_be_smuggled_in(service, field) -> None:
 def test_transport_that_cannot_stream_answers_once_with_a_warning(service) -> None:
     _, replies = serve(service, request(stream=True), can_stream=False)
     assert len(replies) == 1 and replies[0].heatmaps
-    assert replies[0].part == pb.ExplainResponse.PART_UNSPECIFIED
+    assert replies[0].part == pb.ExplainResponse.PART_COMPLETE
     assert "cannot stream" in replies[0].warnings[0]
 
 

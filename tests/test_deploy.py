@@ -360,8 +360,9 @@ def test_rendered_overlay_policy(overlay):
         assert sc["capabilities"]["drop"] == ["ALL"]
         assert "limits" in c["resources"]
     ts = next(c for c in pod["containers"] if c["name"] == "torchserve")
-    assert "probe_model_ready.py" in " ".join(ts["startupProbe"]["exec"]["command"])
-    assert ts["readinessProbe"]["httpGet"]["path"] == "/ping"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # never /ping alone
+        assert "probe_model_ready.py" in " ".join(ts[probe]["exec"]["command"]), probe
+    assert ts["readinessProbe"]["failureThreshold"] == 1  # out within one period
     live = ts["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] >= 180  # lenient
     gpu = overlay.startswith("gpu")
@@ -444,9 +445,10 @@ def test_build_mar_default_and_no_archive(tmp_path):
 
 class _FakeManagement(http.server.BaseHTTPRequestHandler):
     status = "READY"
+    pid = os.getpid()
 
     def do_GET(self):  # noqa: N802
-        body = json.dumps([{"modelName": "lvlm", "workers": [{"id": "9000",
+        body = json.dumps([{"modelName": "lvlm", "workers": [{"id": "9000", "pid": self.pid,
                                                                "status": self.status}]}])
         self.send_response(200 if self.path == "/models/lvlm" else 404)
         self.end_headers()
@@ -456,21 +458,46 @@ class _FakeManagement(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_probe_model_ready():
+def test_probe_model_ready(capsys):
+    """READY is not enough: the listed worker process must exist and be runnable."""
     import probe_model_ready
 
     server = http.server.HTTPServer(("127.0.0.1", 0), _FakeManagement)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
+    sleeper = subprocess.Popen(["sleep", "30"])
     try:
         assert probe_model_ready.main(["--url", url]) == 0
         _FakeManagement.status = "UNLOADING"
         assert probe_model_ready.main(["--url", url]) == 1
-        assert probe_model_ready.main(["--url", url, "--model", "other"]) == 1
-    finally:
         _FakeManagement.status = "READY"
+        assert probe_model_ready.main(["--url", url, "--model", "other"]) == 1
+        _FakeManagement.pid = sleeper.pid
+        sleeper.send_signal(signal.SIGSTOP)  # a wedged worker
+        _wait_for_state(sleeper.pid, "T")
+        assert probe_model_ready.main(["--url", url]) == 1
+        assert "is stopped" in capsys.readouterr().err
+        sleeper.send_signal(signal.SIGCONT)
+        assert probe_model_ready.main(["--url", url]) == 0
+        sleeper.kill()
+        sleeper.wait()  # the stale-READY case: TorchServe still lists a pid that is gone
+        assert probe_model_ready.main(["--url", url]) == 1
+        assert "listed READY but process" in capsys.readouterr().err
+        assert probe_model_ready.main(["--url", url, "--no-pid-check"]) == 0
+    finally:
+        _FakeManagement.status, _FakeManagement.pid = "READY", os.getpid()
+        sleeper.kill()
         server.shutdown()
     assert probe_model_ready.main(["--url", "http://127.0.0.1:9", "--timeout", "1"]) == 1
+
+
+def _wait_for_state(pid: int, state: str) -> None:
+    for _ in range(100):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[-1].split()[0] == state:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} never reached state {state}")
 
 
 def test_dockerfile_conventions():

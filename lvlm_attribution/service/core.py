@@ -178,7 +178,7 @@ class ExplainService:
             deadline.check("encode")
             msg = full_response(job, expl, audit)
             msg.warnings.extend(warnings)
-            if stream:
+            if job.stream:  # the last (here perhaps the only) message of a stream
                 msg.part = msg.PART_COMPLETE
         msg.timings.update(call.timings)
         msg.timings["total"] = time.perf_counter() - call.started
