@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from . import heatmaps
 from .api.v1 import explain_pb2 as pb
@@ -113,6 +114,8 @@ class RestClient:
                 for line in resp:
                     if line.strip():
                         part = _parse_json(line)
+                        if part.part == pb.ExplainResponse.PART_ERROR:  # after the 200
+                            raise ServiceCallError(part.error.http_status, part.error.message)
                         complete = part.part == pb.ExplainResponse.PART_COMPLETE
                         yield part
             except (OSError, http.client.HTTPException) as err:
@@ -170,15 +173,17 @@ class GrpcClient:
             reply = self.stub.Predictions(self._wrap(request), timeout=self.timeout)
         except self._grpc.RpcError as err:
             raise _grpc_error(err) from None
-        return pb.ExplainResponse.FromString(reply.prediction)
+        return _parse_protobuf(reply.prediction)
 
     def explain_stream(self, request: pb.ExplainRequest) -> Iterator[pb.ExplainResponse]:
+        """TorchServe's raw gRPC cannot stream (docs/reliability.md): one PART_COMPLETE message
+        with a warning. lvlm.v1.Explainer/ExplainStream on the gateway streams."""
         stream = pb.ExplainRequest()
         stream.CopyFrom(request)
         stream.stream = True
         try:
             for reply in self.stub.StreamPredictions(self._wrap(stream), timeout=self.timeout):
-                yield pb.ExplainResponse.FromString(reply.prediction)
+                yield _parse_protobuf(reply.prediction)
         except self._grpc.RpcError as err:
             raise _grpc_error(err) from None
 
@@ -245,6 +250,14 @@ def connect(url: str, model: str = DEFAULT_MODEL, timeout: float = 120.0
 
 def _parse_json(raw: bytes) -> pb.ExplainResponse:
     return json_format.ParseDict(json.loads(raw), pb.ExplainResponse(), ignore_unknown_fields=True)
+
+
+def _parse_protobuf(raw: bytes) -> pb.ExplainResponse:
+    try:
+        return pb.ExplainResponse.FromString(raw)
+    except DecodeError:
+        raise ServiceCallError("BAD_RESPONSE", f"the server's reply ({len(raw)} bytes) is not an "
+                               "ExplainResponse: is this the lvlm model?") from None
 
 
 def _grpc_error(err) -> ServiceCallError:

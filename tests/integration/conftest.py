@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 MODEL_NAME = "lvlm"
 OOM_PROBE = "lvlm_oom_probe"
+STALE_PROBE = "lvlm_stale_probe"
+PROBE_HANDLERS = {OOM_PROBE: "oom_probe_handler.py", STALE_PROBE: "stale_probe_handler.py"}
 READY_TIMEOUT_S = 600
 
 
@@ -32,6 +34,7 @@ class Server:
     management: str
     metrics: str
     log_dir: Path
+    tmp_dir: Path  # TorchServe's $TMPDIR (the workers' in-flight journals live there)
 
     def log_tail(self, lines: int = 60) -> str:
         path = self.log_dir / "model_log.log"
@@ -75,7 +78,7 @@ def write_configs(root: Path, ports: list[int]) -> tuple[Path, Path]:
         "initial_worker_port": str(worker),  # the worker's unix socket name: avoid clashes
         "model_store": str(root / "model_store"),
         "metrics_config": str(REPO / "deploy" / "metrics.yaml"),
-        "load_models": f"{MODEL_NAME}.mar,{OOM_PROBE}.mar",
+        "load_models": ",".join(f"{m}.mar" for m in (MODEL_NAME, *PROBE_HANDLERS)),
     }
     lines = []
     for line in (REPO / "deploy" / "config.properties").read_text().splitlines():
@@ -101,7 +104,7 @@ def ready(management: str, model: str) -> bool:
 def wait_ready(management: str, proc_log: Path) -> None:
     deadline = time.time() + READY_TIMEOUT_S
     while time.time() < deadline:
-        if ready(management, MODEL_NAME) and ready(management, OOM_PROBE):
+        if all(ready(management, m) for m in (MODEL_NAME, *PROBE_HANDLERS)):
             return
         time.sleep(1)
     raise RuntimeError(f"TorchServe model not READY after {READY_TIMEOUT_S} s; "
@@ -122,21 +125,24 @@ def torchserve(tmp_path_factory) -> Server:
     build = ["bash", str(REPO / "deploy/scripts/build_mar.sh"), "--config", str(model_config),
              "--out", str(root / "model_store")]
     subprocess.run(build, check=True, env=env, cwd=REPO, capture_output=True)
-    # A second model, OOM_PROBE: the production handler with an engine that runs out of memory
-    # on request (tests/integration/oom_probe_handler.py).
-    probe = root / "oom_probe"
-    probe.mkdir()
-    shutil.copy(REPO / "handlers" / "lvlm_handler.py", probe)
-    shutil.copy(Path(__file__).parent / "oom_probe_handler.py", probe)
-    subprocess.run([*build, "--handler", str(probe / "oom_probe_handler.py"), "--name", OOM_PROBE],
-                   check=True, env=env, cwd=REPO, capture_output=True)
+    # Probe models: the production handler with a test-only twist (tests/integration/):
+    # OOM_PROBE runs out of memory on request; STALE_PROBE streams over every transport, as the
+    # handler once did, to reproduce TorchServe's dead-but-READY worker for the probe test.
+    for name, handler in PROBE_HANDLERS.items():
+        probe = root / name
+        probe.mkdir()
+        shutil.copy(REPO / "handlers" / "lvlm_handler.py", probe)
+        shutil.copy(Path(__file__).parent / handler, probe)
+        subprocess.run([*build, "--handler", str(probe / handler), "--name", name],
+                       check=True, env=env, cwd=REPO, capture_output=True)
     out = (root / "torchserve.out").open("w")
     subprocess.run([str(VENV_BIN / "torchserve"), "--start", "--ncs", "--ts-config",
                     str(properties)], check=True, env=env, cwd=root, stdout=out,
                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = Server(rest=f"http://127.0.0.1:{ports[0]}", grpc=f"127.0.0.1:{ports[3]}",
                     management=f"http://127.0.0.1:{ports[1]}",
-                    metrics=f"http://127.0.0.1:{ports[2]}", log_dir=root / "logs")
+                    metrics=f"http://127.0.0.1:{ports[2]}", log_dir=root / "logs",
+                    tmp_dir=root / "tmp")
     try:
         wait_ready(server.management, root / "logs")
         yield server

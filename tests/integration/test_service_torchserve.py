@@ -149,11 +149,18 @@ def test_audit_mode_matches_generate_then_explain(clients, transport) -> None:
         np.testing.assert_allclose(decode_heatmap(a), decode_heatmap(g), rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_streaming_delivers_the_answer_first(clients, transport) -> None:
+def test_raw_grpc_stream_is_one_complete_message_with_a_warning(clients) -> None:
+    parts = list(clients["grpc"].explain_stream(make_request(IMAGE, SCENE.question,
+                                                             methods=METHODS)))
+    assert [p.part for p in parts] == [pb.ExplainResponse.PART_COMPLETE]
+    assert [h.method for h in parts[0].heatmaps] == METHODS
+    assert "cannot stream" in parts[0].warnings[0]
+
+
+def test_rest_streaming_delivers_the_answer_first(clients) -> None:
     arrivals = []
-    for part in clients[transport].explain_stream(make_request(IMAGE, SCENE.question,
-                                                               methods=METHODS)):
+    for part in clients["rest"].explain_stream(make_request(IMAGE, SCENE.question,
+                                                            methods=METHODS)):
         arrivals.append((time.perf_counter(), part))
     assert [p.part for _, p in arrivals] == [pb.ExplainResponse.PART_ANSWER,
                                             pb.ExplainResponse.PART_COMPLETE]
@@ -359,10 +366,13 @@ def test_failure_after_the_streamed_answer_ends_the_stream(torchserve, transport
         for part in client.explain_stream(make_request(IMAGE, f"oom-host {SCENE.question}",
                                                        methods=["dexar"])):
             parts.append(part)
-    assert [p.part for p in parts] == [pb.ExplainResponse.PART_ANSWER]
-    # gRPC carries the status after the first message; REST already sent 200, so it is cut.
-    assert info.value.status == ("STREAM_INTERRUPTED" if transport == "rest"
-                                 else "RESOURCE_EXHAUSTED")
+    # REST already sent 200 and the answer: the stream's last message is PART_ERROR with the
+    # status the request would have had. Raw gRPC does not stream: a plain error status.
+    if transport == "rest":
+        assert [p.part for p in parts] == [pb.ExplainResponse.PART_ANSWER]
+        assert info.value.status == 413 and "out of memory" in info.value.message
+    else:
+        assert not parts and info.value.status == "RESOURCE_EXHAUSTED"
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
