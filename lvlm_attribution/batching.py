@@ -254,5 +254,5 @@ def explain_batch(explainer, items: Sequence, options: ExplainOptions | None = N
             methods=out, question_tokens=prompt.question_tokens, grid=prompt.grid,
             image_size=prompt.image_size, audit_mode=item.audit,
             model_name=explainer.model_name, model_version=explainer.model_version,
-            timings=dict(timings)))
+            timings=dict(timings), visual_box=prompt.grid_box))
     return explanations

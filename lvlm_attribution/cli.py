@@ -70,18 +70,24 @@ def add_model_eval(sub) -> None:
 
 # ---- explain ------------------------------------------------------------------------------------
 def _explain(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from .engine import Explainer, InvalidInput
+    from .images import ImageError, load_image
     from .schema import ExplainOptions
+    from .service.config import ServiceConfig
 
+    limits = ServiceConfig()  # the image limits a default service applies: the same pixels
+    try:
+        image = load_image(Path(args.image).read_bytes(), max_pixels=limits.max_image_pixels,
+                           max_aspect_ratio=limits.max_aspect_ratio)
+    except ImageError as err:
+        _log(f"error: image {args.image}: {err.message}")
+        return 2
     explainer = Explainer.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     options = ExplainOptions(methods=tuple(m for m in args.methods.split(",") if m),
                              max_new_tokens=args.max_new_tokens,
                              per_token_maps=args.per_token_maps)
     try:
-        with Image.open(args.image) as image:
-            result = explainer.explain(image, args.question, answer=args.answer, options=options)
+        result = explainer.explain(image, args.question, answer=args.answer, options=options)
     except InvalidInput as err:
         _log(f"error: {err}")
         return 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import shutil
 import subprocess
@@ -132,9 +131,9 @@ def test_service_backend_returns_the_same_record(random_llava_explainer, audited
     from google.protobuf import json_format
 
     from lvlm_attribution.api.v1 import explain_pb2 as pb
-    from lvlm_attribution.schema import ExplainOptions
+    from lvlm_attribution.service.config import ServiceConfig
     from lvlm_attribution.service.response import full_response
-    from lvlm_attribution.service.validation import Job
+    from lvlm_attribution.service.validation import validate
 
     folder, jsonl, out_local, _, _ = audited
     accepted = json.loads((out_local / "items" / "item-0" / "record.json").read_text())
@@ -150,13 +149,10 @@ def test_service_backend_returns_the_same_record(random_llava_explainer, audited
             if req.answer != accepted["item"]["answer"] or req.request_id != "item-0":
                 return self._send(400, {"code": 400, "type": "InvalidRequest",
                                         "message": "answer: refused by the test server"})
-            image = Image.open(io.BytesIO(req.image)).convert("RGB")
-            options = ExplainOptions(methods=tuple(req.methods))
+            job = validate(req, ServiceConfig(), random_llava_explainer.available_methods())
             with lock:
-                expl = random_llava_explainer.explain(image, req.question, answer=req.answer,
-                                                      options=options)
-            job = Job(image, req.question, req.answer, options, "f16_zlib", False,
-                      req.request_id, False)
+                expl = random_llava_explainer.explain(job.image, job.question,
+                                                      answer=job.answer, options=job.options)
             self._send(200, json_format.MessageToDict(full_response(job, expl, audit=True)))
 
         def _send(self, status, payload):
@@ -185,6 +181,7 @@ def test_service_backend_returns_the_same_record(random_llava_explainer, audited
     local = accepted["record"]
     assert remote["backend"] == url and local["backend"] == "local"
     assert remote["answer"] == local["answer"] and remote["model"] == local["model"]
+    assert remote["visualBox"] == local["visualBox"] == [0.0, 0.0, 64.0, 64.0]
     for a, b in zip(remote["tokens"], local["tokens"], strict=True):
         assert a["text"] == b["text"] and a["grounded"] == b["grounded"]
         assert a["probability"] == pytest.approx(b["probability"], rel=1e-5, abs=1e-6)

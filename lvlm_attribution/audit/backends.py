@@ -101,7 +101,8 @@ class LocalBackend:
             grounding=None if g is None else Grounding(float(g.score), list(g.flagged), g.rule),
             model_name=expl.model_name, model_version=expl.model_version,
             settings={name: _jsonable(out.settings) for name, out in expl.methods.items()},
-            timings=dict(expl.timings), backend="local", image_size=tuple(expl.image_size))
+            timings=dict(expl.timings), backend="local", image_size=tuple(expl.image_size),
+            visual_box=expl.visual_box)
 
     def close(self) -> None:
         pass
@@ -166,10 +167,19 @@ class ServiceBackend:
             model_name=resp.model.name, model_version=resp.model.version,
             settings={k: json_format.MessageToDict(v) for k, v in resp.method_settings.items()},
             timings={k: float(v) for k, v in resp.timings.items()}, backend=self.url,
-            image_size=(int(resp.image_size.width), int(resp.image_size.height)))
+            image_size=(int(resp.image_size.width), int(resp.image_size.height)),
+            visual_box=_box(resp))
 
     def close(self) -> None:
         self.client.close()
+
+
+def _box(resp: Any) -> tuple[float, float, float, float] | None:
+    """The response's visual_box; None when the service did not send one (whole image)."""
+    if not resp.HasField("visual_box"):
+        return None
+    b = resp.visual_box
+    return (float(b.left), float(b.top), float(b.right), float(b.bottom))
 
 
 def _jsonable(value: Any) -> Any:

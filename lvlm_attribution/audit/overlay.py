@@ -3,8 +3,10 @@ a caption per panel with the method's raw value range, a colour scale, and a leg
 
 Each method's map is scaled to its own [min, max] before colouring (methods are on different
 scales), so the colour bar reads 0 = the method's minimum, 1 = its maximum; the caption under each
-panel gives that raw range. The blending is `lvlm_attribution.heatmaps.overlay_png`, the same
-rendering the service returns for `heatmaps.overlay`.
+panel gives that raw range. The blending is `lvlm_attribution.heatmaps.overlay_image`, the same
+rendering the service returns for `heatmaps.overlay`: a map covers only the region of the image
+the model saw (the record's `visual_box`; LLaVA's processor crops the central square), and the
+rest of the image is dimmed.
 """
 
 from __future__ import annotations
@@ -54,9 +56,12 @@ def panel_image(image: Image.Image, panel: int = PANEL) -> Image.Image:
 
 
 def render_overlay(image: Image.Image, maps: Mapping[str, np.ndarray], title: str = "",
-                   subtitle: str = "", panel: int = PANEL) -> Image.Image:
-    """The composite picture (RGB) described in the module docstring."""
+                   subtitle: str = "", panel: int = PANEL,
+                   box: tuple[float, float, float, float] | None = None) -> Image.Image:
+    """The composite picture (RGB) described in the module docstring; `box` is the region of
+    `image` the maps cover (None: all of it)."""
     base = panel_image(image, panel)
+    panel_box = heatmaps.scale_box(box, image.size, base.size)
     pw, ph = base.size
     f_title, f_text, f_small = _font(16), _font(13), _font(11)
     panels: list[tuple[str, str, Image.Image]] = [("input image", f"{image.size[0]}x"
@@ -64,10 +69,10 @@ def render_overlay(image: Image.Image, maps: Mapping[str, np.ndarray], title: st
     for name, values in maps.items():
         grid = np.nan_to_num(np.asarray(values, dtype=np.float32))
         lo, hi = float(grid.min()), float(grid.max())
-        blended = Image.open(io.BytesIO(heatmaps.overlay_png(base, grid, alpha=ALPHA)))
+        blended = heatmaps.overlay_image(base, grid, box=panel_box, alpha=ALPHA)
         caption = (f"{grid.shape[0]}x{grid.shape[1]} grid, raw {lo:.3g} .. {hi:.3g}"
                    if hi > lo else f"{grid.shape[0]}x{grid.shape[1]} grid, constant {lo:.3g}")
-        panels.append((name, caption, blended.convert("RGB")))
+        panels.append((name, caption, blended))
 
     n = len(panels)
     width = MARGIN * 2 + n * pw + (n - 1) * GAP + GAP + BAR_W + BAR_LABEL_W

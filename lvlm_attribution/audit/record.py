@@ -68,6 +68,9 @@ class ItemRecord:
     timings: dict[str, float]  # stage -> seconds, as reported by the engine / service
     backend: str  # "local" or the service URL
     image_size: tuple[int, int] = (0, 0)
+    # (left, top, right, bottom) in image pixels: the region the maps cover (the model's
+    # processor may crop); None = the whole image.
+    visual_box: tuple[float, float, float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- the score the audit ranks by -----------------------------------------------------
@@ -124,6 +127,7 @@ class ItemRecord:
             "model": {"name": self.model_name, "version": self.model_version},
             "settings": self.settings, "timings": dict(self.timings), "backend": self.backend,
             "imageSize": list(self.image_size),
+            "visualBox": None if self.visual_box is None else list(self.visual_box),
         }
 
     @classmethod
@@ -142,4 +146,5 @@ class ItemRecord:
             model_name=d["model"]["name"], model_version=d["model"]["version"],
             settings=d.get("settings", {}), timings=d.get("timings", {}),
             backend=d.get("backend", ""), image_size=tuple(d.get("imageSize", (0, 0))),
+            visual_box=None if d.get("visualBox") is None else tuple(d["visualBox"]),
         )

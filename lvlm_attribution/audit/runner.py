@@ -25,14 +25,16 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from ..images import ImageError, load_image
+from ..service.config import ServiceConfig
 from .backends import AuditItem, Backend, ItemError
 from .overlay import png_bytes, render_overlay
 from .record import PROXY_RULE, ItemRecord, clean_token
 from .report import index_html, item_html
 
 TRUTH_POSITIVE, TRUTH_NEGATIVE = "correct", "corrupted"
+# The image limits a default service applies, so a local audit sees what the service would.
+IMAGE_LIMITS = ServiceConfig()
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 
@@ -161,16 +163,16 @@ def _explain_item(item: AuditItem, backend: Backend, out: Path) -> dict[str, Any
     except OSError as err:
         raise ItemError("image_not_found", f"{item.image_path}: {err.strerror or err}") from None
     try:
-        with Image.open(io.BytesIO(data)) as raw:
-            raw.load()
-            image = raw.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ItemError("image_unreadable", f"{item.image_path}: {err}") from None
+        image = load_image(data, max_pixels=IMAGE_LIMITS.max_image_pixels,
+                           max_aspect_ratio=IMAGE_LIMITS.max_aspect_ratio)
+    except ImageError as err:
+        raise ItemError("image_unreadable", f"{item.image_path}: {err.message}") from None
     start = time.perf_counter()
     record = backend.explain(item, image, data)
     total = time.perf_counter() - start
     score, source = record.score()
-    picture = render_overlay(image, record.maps, title=f"{item.id}: {item.question}",
+    picture = render_overlay(image, record.maps, box=record.visual_box,
+                             title=f"{item.id}: {item.question}",
                              subtitle=f"answer: {item.answer}   |   score {score:.3g} "
                                       f"({source})" if score is not None else
                              f"answer: {item.answer}")

@@ -85,6 +85,8 @@ class ModelAdapter:
                                                   add_generation_prompt=True)
 
     def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
+        """The prompt for an upright 8-bit RGB `image` (`Explainer.prepare` passes every image
+        through `images.to_rgb` first)."""
         raise NotImplementedError
 
     def teacher_forced_inputs(self, prompt: PreparedPrompt,

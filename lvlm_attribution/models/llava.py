@@ -16,7 +16,6 @@ class LlavaAdapter(ModelAdapter):
     final_norm_path = "model.language_model.norm"
 
     def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
-        image = image.convert("RGB")
         inputs = self.processor(images=image, text=self.prompt_text(question), return_tensors="pt")
         input_ids = inputs["input_ids"][0]
         visual, side = self.square_grid_positions(input_ids)

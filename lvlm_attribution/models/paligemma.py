@@ -42,7 +42,6 @@ class PaliGemmaAdapter(ModelAdapter):
         return f"{self.task_prefix}{question}"
 
     def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
-        image = image.convert("RGB")
         # The processor inserts <bos> after the image tokens and appends "\n".
         inputs = self.processor(images=image, text=self.image_token + self.prompt_text(question),
                                 return_tensors="pt")

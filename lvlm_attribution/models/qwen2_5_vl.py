@@ -44,7 +44,6 @@ class Qwen2_5_VLAdapter(ModelAdapter):  # noqa: N801  (the transformers class sp
         return int(self.model.config.vision_config.spatial_merge_size)
 
     def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
-        image = image.convert("RGB")
         text = self.prompt_text(question)
         if text.count(self.image_token) != 1:
             raise ValueError(f"the chat template must place exactly one {self.image_token}")

@@ -58,10 +58,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_processor() -> LlavaProcessor:
+    # Shortest edge + centre crop, as LLaVA-1.5's processor: any image gives the square grid
+    # the vision tower expects (the training canvases are square, so the crop is a no-op there).
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": CANVAS},
         crop_size={"height": CANVAS, "width": CANVAS},
-        do_center_crop=False,
+        do_center_crop=True,
         do_resize=True,
         do_convert_rgb=True,
         image_mean=[0.5, 0.5, 0.5],
