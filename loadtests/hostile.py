@@ -7,7 +7,10 @@ and after every case a valid request must be answered (the service survived). Th
 suite (tests/integration/test_hostile.py) asserts every case; this module's command writes the
 table in docs/reliability.md from a private TorchServe:
 
-    python -m loadtests.hostile --out docs/reliability-table.md      # ~2 min on 2 CPU cores
+    python -m loadtests.hostile --out docs/reliability.md      # ~2 min on 2 CPU cores
+
+(--out replaces the text between the file's `<!-- hostile-table -->` markers, or writes the
+table alone to a new file.)
 """
 
 from __future__ import annotations
@@ -414,8 +417,17 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows)
     print(text)
     if args.out:
-        args.out.write_text(text)
+        write_table(args.out, text)
     return 0 if all(r.problem is None for r in rows) else 1
+
+
+def write_table(path: Path, text: str) -> None:
+    start, end = "<!-- hostile-table -->", "<!-- /hostile-table -->"
+    doc = path.read_text() if path.exists() else ""
+    if start in doc and end in doc:
+        head, rest = doc.split(start, 1)
+        text = f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}"
+    path.write_text(text)
 
 
 if __name__ == "__main__":
