@@ -290,7 +290,8 @@ def run_call(args: Any) -> int:
     request = make_request(args.image, args.question, args.answer,
                            methods=[m for m in (args.methods or "").split(",") if m],
                            max_new_tokens=args.max_new_tokens, encoding=args.encoding,
-                           overlay=args.overlay, per_token_maps=args.per_token_maps)
+                           overlay=args.overlay, per_token_maps=args.per_token_maps,
+                           method_settings=getattr(args, "method_settings", None))
     try:
         with connect(args.url, args.model) as client:
             parts = client.explain_stream(request) if args.stream else [client.explain(request)]

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli import check_methods, split_names
+
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "model_store" / "tiny-shapes-llava"
 
 
@@ -19,7 +21,13 @@ def run_audit_command(args: argparse.Namespace) -> int:
     from .backends import LocalBackend, ServiceBackend
     from .runner import run_audit
 
-    methods = tuple(m for m in (args.methods or "").split(",") if m)
+    methods = split_names(args.methods)
+    if not args.url:  # a local model runs only registered methods; a service checks its own
+        try:
+            check_methods(methods)
+        except argparse.ArgumentTypeError as err:
+            _log(f"error: --methods: {err}")
+            return 2
     if args.url:
         backend = ServiceBackend(args.url, methods, model=args.service_model,
                                  timeout=args.timeout, busy_retry_s=args.busy_retry_s)
@@ -67,7 +75,8 @@ def add_audit(sub) -> None:
     p.add_argument("--busy-retry-s", type=float, default=600.0,
                    help="per item, keep retrying a busy service (HTTP 503, no free worker) "
                    "with backoff for this long (--url)")
-    p.add_argument("--device", default="cpu", help="local model device")
+    p.add_argument("--device", default="cpu",
+                   help="local model's torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_audit_command)
 
@@ -84,7 +93,7 @@ def run_audit_sample_command(args: argparse.Namespace) -> int:
 def add_audit_sample(sub) -> None:
     p = sub.add_parser("audit-sample", help="write a labelled JSONL (correct and corrupted "
                        "answers) from the planted world, for evaluating the audit")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder; gets flagged.jsonl and images")
     p.add_argument("--scenes", type=int, default=30, help="scenes; two items each")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first scene seed (default: %(default)s)")
     p.set_defaults(func=run_audit_sample_command)

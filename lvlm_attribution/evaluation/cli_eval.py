@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli import METHOD_SETTINGS_HELP, method_list, method_settings_arg
 from ..world.scenes import KINDS
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[2] / "model_store" / "tiny-shapes-llava"
@@ -52,7 +53,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             return 2
         _print(format_report(report), report, args.json)
         return 0
-    settings = json.loads(args.method_settings) if args.method_settings else {}
+    settings = args.method_settings or {}
     try:
         parse_methods(args.methods, settings)
     except (KeyError, ValueError) as err:
@@ -72,15 +73,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="attribution maps vs planted ground truth (held-out "
                        "scenes, audit mode on the correct answer)")
-    p.add_argument("--model", default=str(EMBEDDED_MODEL))
+    p.add_argument("--model", default=str(EMBEDDED_MODEL),
+                   help="model directory (default: the embedded model)")
     p.add_argument("--scenes", type=int, default=None,
                    help="total, question kinds in turn (default 100; with --report-only: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first scene seed (default: %(default)s)")
     p.add_argument("--methods", default="glimpse,dexar",
                    help="comma-separated; variants as name:key=value[:key=value], e.g. "
                         "glimpse:depth_prior=false,dexar:key_aggregation=mean")
-    p.add_argument("--method-settings", default=None,
-                   help='JSON per method, applied to all its variants: {"igos": {"iterations": 3}}')
+    p.add_argument("--method-settings", type=method_settings_arg, default=None,
+                   help=METHOD_SETTINGS_HELP + "; applied to all variants of a method")
     p.add_argument("--kinds", type=_kinds, default=KINDS, help="comma-separated question kinds")
     p.add_argument("--igos-scenes", type=int, default=None,
                    help="run iGOS++ only on the first K scenes (it is expensive)")
@@ -97,8 +99,9 @@ def add_evaluate(sub) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="aggregate the scenes already in --out (comma-separated files: shards of "
                         "one run; read-only, no model; the first --scenes indices)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON on stdout (the table goes to stderr)")
     p.set_defaults(func=_evaluate)
 
 
@@ -106,8 +109,7 @@ def _grounding_eval(args: argparse.Namespace) -> int:
     from ..engine import Explainer
     from .grounding_eval import GroundingEvalConfig, format_grounding, run_grounding_eval
 
-    cfg = GroundingEvalConfig(scenes=args.scenes, seed=args.seed,
-                              methods=tuple(m for m in args.methods.split(",") if m),
+    cfg = GroundingEvalConfig(scenes=args.scenes, seed=args.seed, methods=args.methods,
                               kinds=args.kinds)
     explainer = Explainer.from_pretrained(args.model, device=args.device)
     report = run_grounding_eval(explainer, cfg, Path(args.out) if args.out else None,
@@ -122,15 +124,19 @@ def _grounding_eval(args: argparse.Namespace) -> int:
 def add_grounding_eval(sub) -> None:
     p = sub.add_parser("grounding-eval", help="grounding flags on planted errors: precision, "
                        "recall, false-flag rate, AUROC (audit mode)")
-    p.add_argument("--model", default=str(EMBEDDED_MODEL))
-    p.add_argument("--scenes", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default="glimpse,dexar",
-                   help="methods run per explanation (their signals feed the rule)")
-    p.add_argument("--kinds", type=_kinds, default=KINDS)
+    p.add_argument("--model", default=str(EMBEDDED_MODEL),
+                   help="model directory (default: the embedded model)")
+    p.add_argument("--scenes", type=int, default=500,
+                   help="scenes, question kinds in turn (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="first scene seed (default: %(default)s)")
+    p.add_argument("--methods", type=method_list, default="glimpse,dexar",
+                   help="comma-separated methods run per explanation (their signals feed the "
+                   "rule; empty: none)")
+    p.add_argument("--kinds", type=_kinds, default=KINDS, help="comma-separated question kinds")
     p.add_argument("--calibrate", action="store_true",
                    help="fit the rule on this run and print grounding.CALIBRATION (in-sample)")
     p.add_argument("--out", default=None, help="JSON lines of token signals; resumed if present")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON on stdout (the table goes to stderr)")
     p.set_defaults(func=_grounding_eval)
