@@ -260,7 +260,9 @@ def check_response(parts: list[bytes], spec: Spec, transport: str) -> str:
                                     pb.ExplainResponse.PART_COMPLETE)
     except Exception as err:  # noqa: BLE001 - any parse failure is a bad response
         return f"unparseable response ({type(err).__name__})"
-    if spec.stream and (len(parts) < 2 or not complete):
+    # TorchServe's raw gRPC cannot stream (docs/reliability.md): one PART_COMPLETE message.
+    wanted = 2 if transport == "rest" else 1
+    if spec.stream and (len(parts) < wanted or not complete):
         return f"stream incomplete ({len(parts)} parts, complete={complete})"
     if not answer:
         return "no answer"

@@ -194,6 +194,7 @@ def add_explain(sub) -> None:
                    help="comma-separated attribution methods (default: %(default)s; "
                    "see `lvlm-attribution methods`)")
     p.add_argument("--method-settings", type=method_settings_arg, default=None,
+                   metavar="JSON|@FILE",
                    help=METHOD_SETTINGS_HELP)
     p.add_argument("--max-new-tokens", type=int, default=16,
                    help="longest generated answer, in tokens (default: %(default)s)")
@@ -306,6 +307,7 @@ def add_call(sub) -> None:
     p.add_argument("--answer", default=None, help="audit mode: explain this answer")
     p.add_argument("--methods", default="", help="comma-separated; default: the server's")
     p.add_argument("--method-settings", type=method_settings_arg, default=None,
+                   metavar="JSON|@FILE",
                    help=METHOD_SETTINGS_HELP + "; the server applies its own limits")
     p.add_argument("--max-new-tokens", type=int, default=0,
                    help="longest generated answer, in tokens (default 0: the server's)")

@@ -82,6 +82,7 @@ def add_evaluate(sub) -> None:
                    help="comma-separated; variants as name:key=value[:key=value], e.g. "
                         "glimpse:depth_prior=false,dexar:key_aggregation=mean")
     p.add_argument("--method-settings", type=method_settings_arg, default=None,
+                   metavar="JSON|@FILE",
                    help=METHOD_SETTINGS_HELP + "; applied to all variants of a method")
     p.add_argument("--kinds", type=_kinds, default=KINDS, help="comma-separated question kinds")
     p.add_argument("--igos-scenes", type=int, default=None,
