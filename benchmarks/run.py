@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 import transformers
 
-from lvlm_attribution.batching import BatchItem, explain_batch
 from lvlm_attribution.capture import CaptureSpec
 from lvlm_attribution.context import AttributionContext
 from lvlm_attribution.llr import select_for_context, token_llr
@@ -46,7 +45,7 @@ from lvlm_attribution.methods.rollout import (
     rollout,
 )
 from lvlm_attribution.methods.tmme import TmmeConfig, reference_tmme
-from lvlm_attribution.schema import ExplainOptions
+from lvlm_attribution.schema import BatchItem, ExplainOptions
 
 from .build import Built, _image, build, count_parameters
 from .configs import GPU_ORDER, SCENARIOS, Scenario
@@ -273,7 +272,7 @@ def _throughput(n: int):
 
 def m_batch_dexar(b: Bench) -> Result:
     items, options = _batch_items(b), _batch_options(b)
-    r = b.timed("batch.dexar", lambda: explain_batch(b.ex, items, options), warmup=1,
+    r = b.timed("batch.dexar", lambda: b.ex.explain_batch(items, options), warmup=1,
                 repeats=min(b.s.repeats, 2), info=_throughput(len(items)),
                 note=f"explain_batch of {len(items)} requests: answer ({b.T} tokens) + LLR + "
                      "DEX-AR, batched")

@@ -9,6 +9,10 @@ All decoding, validation, budgets, method dispatch and encoding live in `lvlm_at
 - transport: the worker's request headers hold one {"content-type": ...} dict per input plus, for
   REST only, the HTTP headers as strings (Host, User-Agent, explain, ...): "rest" when any string
   header is present, else "grpc";
+- batches: the whole batch goes to the service (`ExplainService.serve`), which groups items by
+  their options and runs each group in shared passes; a bad item fails only itself. A failed item
+  of a larger batch gets its own status (REST) or a PART_ERROR body (gRPC, whose per-item status
+  TorchServe drops); a batch of one raises PredictionException so TorchServe sets the status;
 - streaming: only REST streams (HTTP chunks via send_intermediate_predict_response). TorchServe's
   frontend sends the backend the same message for gRPC Predictions and StreamPredictions
   (InferenceImpl.prediction -> ModelRequestEncoder: no command, no header tells them apart), and
@@ -35,7 +39,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.utils.util import PredictionException
 
 from lvlm_attribution.engine import Explainer
-from lvlm_attribution.service import ExplainService, ServiceConfig, ServiceError
+from lvlm_attribution.service import ExplainService, ServiceConfig
 from lvlm_attribution.service.inflight import InflightJournal
 
 log = logging.getLogger(__name__)
@@ -69,27 +73,48 @@ class LVLMHandler:
         self.initialized = True
 
     def handle(self, data: list[dict], context) -> list[bytes]:
-        # model-config.yaml pins batchSize 1: an error fails the whole batch in TorchServe.
-        return [self._one(idx, item, context) for idx, item in enumerate(data)]
+        """One TorchServe batch: the service answers it in shared passes (grouped by options);
+        every item gets its own reply or its own error."""
+        calls = [self._call(idx, item, context) for idx, item in enumerate(data)]
+        index = {id(call): idx for idx, call in enumerate(calls)}
 
-    def _one(self, idx: int, item: dict, context) -> bytes:
+        def send_partial(call, reply) -> None:  # sent now: the answer before the attributions
+            idx = index[id(call)]
+            send_intermediate_predict_response({idx: reply.body},
+                                               {idx: context.request_ids[idx]},
+                                               "Intermediate response", 200, context)
+
+        self._emit(self.service.serve(calls, send_partial), context)
+        for call in calls:
+            self._emit(call.observations, context)
+        return [self._reply(idx, call, context, len(calls)) for idx, call in enumerate(calls)]
+
+    def _call(self, idx: int, item: dict, context):
         # Per-input entries are dicts ({"content-type": ...}); HTTP headers are strings.
         headers = {k.lower(): v for k, v in (context.get_all_request_header(idx) or {}).items()
                    if isinstance(v, str)}
         transport = "rest" if headers else "grpc"
-        call = self.service.call(item, transport, headers.get("content-type", ""),
+        return self.service.call(item, transport, headers.get("content-type", ""),
                                  can_stream=transport == "rest")
-        try:
-            for reply in call.replies():
-                if not reply.final:  # sent now: the caller sees the answer before attributions
-                    send_intermediate_predict_response([reply.body], context.request_ids,
-                                                       "Intermediate response", 200, context)
-        except ServiceError as err:
-            raise PredictionException(err.message, err.status) from err
-        finally:
-            self._emit(call.observations, context)
-        if transport == "grpc":
+
+    def _reply(self, idx: int, call, context, batch_size: int) -> bytes:
+        if call.final is None:
+            if batch_size == 1:  # TorchServe maps the status to HTTP and gRPC codes
+                raise PredictionException(call.error.message, call.error.status)
+            return self._item_error(idx, call, context)
+        if call.transport == "grpc":
             context.set_response_header(idx, "ts_stream_next", "false")
+        context.set_response_content_type(idx, call.final.content_type)
+        return call.final.body
+
+    def _item_error(self, idx: int, call, context) -> bytes:
+        """One failed item of a larger batch: its own status (REST) or, over gRPC, whose
+        per-item status TorchServe drops, a PART_ERROR body (ExplainService.item_error)."""
+        status, reply = self.service.item_error(call)
+        if status is None:
+            context.set_response_header(idx, "ts_stream_next", "false")
+        else:
+            context.set_response_status(status, type(call.error).__name__, idx)
         context.set_response_content_type(idx, reply.content_type)
         return reply.body
 

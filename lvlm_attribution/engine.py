@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -22,13 +23,13 @@ from transformers import AutoConfig, AutoProcessor
 
 from . import images
 from . import methods as _methods  # noqa: F401  (registers every method)
-from .context import AttributionContext
+from .context import AttributionContext, ContextBatch
 from .deadline import Deadline, enforced
 from .grounding import ground
-from .llr import token_llr
+from .llr import batch_llr, token_llr
 from .methods.registry import SettingError, get_method, list_methods, settings_dict
 from .models import PreparedPrompt, adapter_for
-from .schema import ExplainOptions, Explanation, MethodOutput, TokenInfo
+from .schema import BatchItem, ExplainOptions, Explanation, MethodOutput, TokenInfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,21 +88,36 @@ class Explainer:
         # 8-bit RGB, transparency over white), so the library and the service agree.
         return self.adapter.prepare(images.to_rgb(image), question)
 
-    @torch.no_grad()
     def generate_ids(self, prompt: PreparedPrompt, max_new_tokens: int,
                      deadline: Deadline | None = None) -> list[int]:
         """Greedy answer token ids, without the end-of-sequence token."""
-        device = next(self.model.parameters()).device
-        inputs = {k: v.to(device) for k, v in prompt.model_inputs.items()}
         with enforced(deadline, self.adapter.decoder_layers()):
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        ids = out[0, prompt.prompt_length:].tolist()
-        eos = self.adapter.eos_token_ids
-        return ids[: next((i for i, t in enumerate(ids) if t in eos), len(ids))]
+            return self._generate([prompt], max_new_tokens)[0][0]
 
     def generate(self, image: Image.Image, question: str, max_new_tokens: int,
                  deadline: Deadline | None = None) -> list[int]:
         return self.generate_ids(self.prepare(image, question), max_new_tokens, deadline)
+
+    @torch.no_grad()
+    def _generate(self, prompts: Sequence[PreparedPrompt], max_new_tokens: int
+                  ) -> list[tuple[list[int], torch.Tensor]]:
+        """Greedy answers for several prompts in ONE `generate` over the left-padded prompts
+        (new tokens are appended on the right; transformers derives positions from the attention
+        mask, so every row sees what it sees alone): per prompt the ids without the end token
+        and the raw logits (T, vocab) that produced them — teacher-forced row t-1's logits, so
+        p_t and ln p(y_t | I) need no further forward."""
+        device = next(self.model.parameters()).device
+        inputs = self.adapter.batch_inputs([p.model_inputs for p in prompts], side="left")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                  return_dict_in_generate=True, output_logits=True)
+        steps = torch.stack(out.logits, dim=1).float()  # (B, steps, vocab)
+        eos = self.adapter.eos_token_ids
+        answers = []
+        for b, row in enumerate(out.sequences[:, inputs["input_ids"].shape[1]:].tolist()):
+            n = next((i for i, t in enumerate(row) if t in eos), len(row))
+            answers.append((row[:n], steps[b, :n]))
+        return answers
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -135,55 +151,104 @@ class Explainer:
                                   self.encode_answer(answer))
 
     # ---- explaining ----------------------------------------------------------------------------
+    # One path for one request and for many: `explain` is `explain_batch` of one, and
+    # `explain_batch` is `answer` (prepare, generate or tokenize) then `attribute` (the shared
+    # passes, every method, one assembly step). The service calls the two halves itself to send a
+    # streamed answer between them.
     def explain(self, image: Image.Image, question: str, answer: str | None = None,
                 answer_token_ids: list[int] | None = None,
                 options: ExplainOptions | None = None,
                 deadline: Deadline | None = None) -> Explanation:
-        """Explain one answer; past `deadline` (if any) it raises DeadlineExceeded."""
-        options = options or ExplainOptions()
-        configs = self._configs(options)
-        with enforced(deadline, self.adapter.decoder_layers()):
-            return self._explain(image, question, answer, answer_token_ids, options, configs,
-                                 deadline)
+        """Explain one answer (generated, or given: audit mode); past `deadline` (if any) it
+        raises DeadlineExceeded."""
+        item = BatchItem(image, question, answer, answer_token_ids)
+        return self.explain_batch([item], options, deadline)[0]
 
-    def _explain(self, image, question, answer, answer_token_ids, options, configs,
-                 deadline) -> Explanation:
+    def explain_batch(self, items: Sequence, options: ExplainOptions | None = None,
+                      deadline: Deadline | None = None) -> list[Explanation]:
+        """`explain` for several requests with generation, the LLR forward and every batchable
+        method's passes shared across them (monitoring throughput); each result equals
+        `explain` alone. Items: BatchItems, dicts of their fields or (image, question[, answer])
+        tuples. An invalid item raises InvalidInput naming `items[i]` (when there are several)."""
+        options = options or ExplainOptions()
+        self.check_options(options)
+        answered = self.answer(items, options.max_new_tokens, deadline)
+        return self.attribute(answered, options, deadline)
+
+    def answer(self, items: Sequence, max_new_tokens: int = 16,
+               deadline: Deadline | None = None) -> list[Answered]:
+        """Prepare every item and generate (one batched generate) or tokenize its answer."""
+        items = [BatchItem.of(x) for x in items]
         timings: dict[str, float] = {}
         with _timed(timings, "prepare", deadline):
-            prompt = self.prepare(image, question)
-        audit = answer is not None or answer_token_ids is not None
-        with _timed(timings, "generate" if not audit else "tokenize", deadline):
-            ids = self._answer_ids(prompt, answer, answer_token_ids, options.max_new_tokens)
-        ctx = AttributionContext(self.model, self.adapter, prompt, ids)
-        with _timed(timings, "forward", deadline):
-            probabilities = ctx.token_probabilities.cpu().tolist()
-        with _timed(timings, "llr", deadline):
-            # The cheapest hallucination signal: one extra forward (batched with the blurred
-            # image), shared with iGOS++ through the context cache.
-            llrs = token_llr(ctx).cpu().tolist()
-        outputs: dict[str, MethodOutput] = {}
-        for name, cfg in configs.items():
-            with _timed(timings, name, deadline):
-                outputs[name] = get_method(name).attribute(ctx, cfg)
-            _require_finite(name, outputs[name], options)
-            if not options.per_token_maps:
-                outputs[name].per_token_maps = None
-        tokens = self._tokens(ids, probabilities, llrs, outputs)
+            prompts = [_per_item(i, len(items), self.prepare, x.image, x.question)
+                       for i, x in enumerate(items)]
+        answers: list[tuple[list[int], torch.Tensor | None]] = [([], None)] * len(items)
+        if any(x.audit for x in items):
+            with _timed(timings, "tokenize", deadline):
+                for i, x in enumerate(items):
+                    if x.audit:
+                        answers[i] = (_per_item(i, len(items), self._given_ids, x), None)
+        generated = [i for i, x in enumerate(items) if not x.audit]
+        if generated:
+            with _timed(timings, "generate", deadline), \
+                    enforced(deadline, self.adapter.decoder_layers()):
+                for i, pair in zip(generated, self._generate([prompts[i] for i in generated],
+                                                             max_new_tokens), strict=True):
+                    if not pair[0]:
+                        raise _item_error(i, len(items), "question", "the model produced an "
+                                          "empty answer to explain")
+                    answers[i] = pair
+        return [Answered(prompt, ids, x.audit, logits, timings)
+                for x, prompt, (ids, logits) in zip(items, prompts, answers, strict=True)]
+
+    def attribute(self, answered: Sequence[Answered], options: ExplainOptions | None = None,
+                  deadline: Deadline | None = None) -> list[Explanation]:
+        """Every requested method on answered requests, in shared passes; see `explain_batch`."""
+        options = options or ExplainOptions()
+        configs = self._configs(options)
+        if not answered:
+            return []
+        timings = dict(answered[0].timings)
+        with enforced(deadline, self.adapter.decoder_layers()):
+            contexts = [AttributionContext(self.model, self.adapter, a.prompt, a.ids)
+                        for a in answered]
+            for ctx, a in zip(contexts, answered, strict=True):
+                if a.logits is not None:  # generation already computed them
+                    ctx.prime_plain_logits(a.logits.to(ctx.device))
+            with _timed(timings, "llr", deadline):
+                # The cheapest hallucination signal: the blurred image's forward (batched over
+                # the requests; audit requests add their original image, which gives p_t).
+                batch_llr(contexts)
+                llrs = [token_llr(c).cpu().tolist() for c in contexts]
+                probabilities = [c.token_probabilities.cpu().tolist() for c in contexts]
+            batch = ContextBatch(contexts)
+            outputs: list[dict[str, MethodOutput]] = [{} for _ in contexts]
+            for name, cfg in configs.items():
+                with _timed(timings, name, deadline):
+                    for out, result in zip(outputs, get_method(name).run_batch(batch, cfg),
+                                           strict=True):
+                        _require_finite(name, result, options)
+                        if not options.per_token_maps:
+                            result.per_token_maps = None
+                        out[name] = result
+        return [self._assemble(a, p, llr, out, timings)
+                for a, p, llr, out in zip(answered, probabilities, llrs, outputs, strict=True)]
+
+    def _assemble(self, answered: Answered, probabilities: list[float], llrs: list[float],
+                  outputs: dict[str, MethodOutput], timings: dict[str, float]) -> Explanation:
+        """The one place an Explanation is built, for single and batched requests alike.
+        Timings are the whole batch's stage times."""
+        tokens = self._tokens(answered.ids, probabilities, llrs, outputs)
         grounding = ground(tokens)  # sets TokenInfo.grounded; rule in grounding.py
+        prompt = answered.prompt
         return Explanation(
-            answer=self.decode(ids), answer_token_ids=ids, tokens=tokens, grounding=grounding,
-            methods=outputs, question_tokens=prompt.question_tokens, grid=prompt.grid,
-            image_size=prompt.image_size, audit_mode=audit, model_name=self.model_name,
-            model_version=self.model_version, timings=timings, visual_box=prompt.grid_box,
-        )
-
-    def explain_batch(self, items, options: ExplainOptions | None = None) -> list[Explanation]:
-        """`explain` for several requests with generation, the forward and DEX-AR batched
-        across them (monitoring throughput); each result equals `explain` alone. See
-        `lvlm_attribution.batching`."""
-        from .batching import explain_batch
-
-        return explain_batch(self, items, options)
+            answer=self.decode(answered.ids), answer_token_ids=list(answered.ids),
+            tokens=tokens, grounding=grounding, methods=outputs,
+            question_tokens=prompt.question_tokens, grid=prompt.grid,
+            image_size=prompt.image_size, audit_mode=answered.audit,
+            model_name=self.model_name, model_version=self.model_version,
+            timings=dict(timings), visual_box=prompt.grid_box)
 
     def check_options(self, options: ExplainOptions) -> None:
         """Raise InvalidInput for any method or setting `explain` would refuse, before any
@@ -209,18 +274,14 @@ class Explainer:
             raise InvalidInput("method_settings", f"settings for methods not requested: {unknown}")
         return configs
 
-    def _answer_ids(self, prompt, answer, answer_token_ids, max_new_tokens) -> list[int]:
-        if answer_token_ids is not None:
+    def _given_ids(self, item: BatchItem) -> list[int]:
+        if item.answer_token_ids is not None:
             vocab = len(self.tokenizer)
-            if not answer_token_ids or any(not 0 <= i < vocab for i in answer_token_ids):
+            ids = list(item.answer_token_ids)
+            if not ids or any(not 0 <= i < vocab for i in ids):
                 raise InvalidInput("answer_token_ids", f"must be non-empty ids in [0, {vocab})")
-            return list(answer_token_ids)
-        if answer is not None:
-            return self.encode_answer(answer)
-        ids = self.generate_ids(prompt, max_new_tokens)
-        if not ids:
-            raise InvalidInput("question", "the model produced an empty answer to explain")
-        return ids
+            return ids
+        return self.encode_answer(item.answer or "")
 
     def _tokens(self, ids, probabilities, llrs, outputs) -> list[TokenInfo]:
         texts = self.tokenizer.convert_ids_to_tokens(ids)
@@ -232,6 +293,30 @@ class Explainer:
             tokens.append(TokenInfo(index=t, token_id=token_id, text=text, probability=float(p),
                                     llr=float(llr), weights=weights))
         return tokens
+
+
+@dataclass
+class Answered:
+    """One request after answering: its prompt, the answer's ids, and for a generated answer the
+    logits that produced each token (T, vocab), which prime the attribution context."""
+
+    prompt: PreparedPrompt
+    ids: list[int]
+    audit: bool
+    logits: torch.Tensor | None
+    timings: dict[str, float]  # the answering stages (shared by the batch)
+
+
+def _per_item(i: int, n: int, fn, *args):
+    """fn(*args), with an InvalidInput's field prefixed by items[i] when there are several."""
+    try:
+        return fn(*args)
+    except InvalidInput as err:
+        raise _item_error(i, n, err.field, err.message) from None
+
+
+def _item_error(i: int, n: int, field: str, message: str) -> InvalidInput:
+    return InvalidInput(f"items[{i}].{field}" if n > 1 else field, message)
 
 
 def _require_finite(name: str, out: MethodOutput, options: ExplainOptions) -> None:

@@ -21,9 +21,12 @@ Rules (official code `utils.find_keywords`, bytedance/LVLM_Interpretation):
     the max-LLR token among the non-stop tokens (among all tokens if every token is a stop token)
     and report `fallback=True`.
 
-Cost: ONE forward over a batch of two images (original, baseline) with the same teacher-forced
-text; logits only at the T predicting rows. Cached on the context, so `token_llr(ctx)` is free
-after the first call (the engine and iGOS share it).
+Cost: ln p(y_t | I) is read from the context's plain logits when a pass that already ran primed
+them (generation: the logits that produced each answer token); then the only extra pass is the
+baseline image's forward. Otherwise ONE forward over a batch of two images (original, baseline)
+with the same teacher-forced text, which also primes the plain logits. Logits only at the T
+predicting rows. Cached on the context, so `token_llr(ctx)` is free after the first call (the
+engine and iGOS share it). `batch_llr` does the same for a whole batch of requests in one forward.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .context import AttributionContext
-from .perturbation import answer_logprobs, baseline_pixel_values
+from .context import PLAIN_LOGITS, AttributionContext
+from .perturbation import baseline_pixel_values, batch_answer_logits
 
 # Function words the official list covers ("the", "a", "an", "and", "of", ...) plus common
 # English auxiliaries/prepositions/pronouns. Compared after normalization (lower-case, no markers).
@@ -55,15 +58,34 @@ SUBWORD_MARKERS = ("▁", "Ġ", "Ċ", "ĉ", "##")
 
 def llr_logprobs(ctx: AttributionContext, baseline: str = "blur",
                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ln p(y_t|I), ln p(y_t|Ĩ)), each (T,) fp32, from one batched forward; cached on ctx."""
-    key = ("llr_logprobs", baseline, seed)
-    if key not in ctx._cache:
-        pv = ctx.image_tensor
-        batch = torch.cat([pv, baseline_pixel_values(ctx, baseline, seed).to(pv.dtype)])
-        with torch.no_grad():
-            logp = answer_logprobs(ctx, batch)
-        ctx._cache[key] = (logp[0], logp[1])
-    return ctx._cache[key]
+    """(ln p(y_t|I), ln p(y_t|Ĩ)), each (T,) fp32; cached on ctx."""
+    key = _key(baseline, seed)
+    if not ctx.has(key):
+        batch_llr([ctx], baseline, seed)
+    return ctx.memo(key, lambda: None)
+
+
+def batch_llr(contexts: Sequence[AttributionContext], baseline: str = "blur",
+              seed: int = 0) -> None:
+    """Fill every context's LLR cache (and plain logits where missing) from ONE forward: the
+    baseline image of every request, plus the original image of the requests whose plain logits
+    no pass has primed yet (audit mode)."""
+    contexts = [c for c in contexts if not c.has(_key(baseline, seed))]
+    if not contexts:
+        return
+    unprimed = [c for c in contexts if not c.has(PLAIN_LOGITS)]
+    rows = [(c, baseline_pixel_values(c, baseline, seed)) for c in contexts]
+    rows += [(c, c.image_tensor) for c in unprimed]
+    logits = batch_answer_logits([(c, pv.to(c.image_tensor.dtype)) for c, pv in rows])
+    for c, z in zip(unprimed, logits[len(contexts):], strict=True):
+        c.prime_plain_logits(z)
+    for c, z in zip(contexts, logits[:len(contexts)], strict=True):
+        logp_base = torch.log_softmax(z, dim=-1).gather(1, c.answer_ids_tensor[:, None])[:, 0]
+        c.prime(_key(baseline, seed), (c.token_logprobs, logp_base))
+
+
+def _key(baseline: str, seed: int) -> tuple:
+    return ("llr_logprobs", baseline, seed)
 
 
 def token_llr(ctx: AttributionContext, baseline: str = "blur", seed: int = 0) -> torch.Tensor:

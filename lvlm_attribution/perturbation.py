@@ -15,15 +15,31 @@ handled by the adapter: `adapter.image_tensor` turns their inputs into (B, C, H,
 pixels and `adapter.image_entries` turns a batch back (exact re-arrangements); `composite` refuses
 anything but (B, C, H, W) rather than silently mis-compositing.
 
-Blur baseline: the official code (bytedance/LVLM_Interpretation, `cv2.GaussianBlur`) picks the
-kernel size by image width (101 / 201 / 301 / 501 for width < 500 / ≥ 500 / ≥ 800 / ≥ 2000) and
-sets σ = kernel − 1. We implement the same blur as a separable convolution with cv2's default
-border rule (BORDER_REFLECT_101, "dcb|abcd|cba") and cv2's Gaussian taps, in float64, rounded back
-to uint8. Deviation: none in the formula; note that for small images (the embedded model's 64 px)
-the 101-tap kernel is wider than the image. Reflect-101 indexing is computed modulo the period
-2·(n − 1), so it stays defined (and equals what cv2 does) even then; with σ = 100 the result is
-close to a flat image of the mean colour — i.e. no spatial information, which is the baseline's
-purpose.
+Blur baseline: the official code (bytedance/LVLM_Interpretation, `cv2.GaussianBlur` on the uint8
+image, `np.asarray(PIL image)`) picks the kernel size by image width (101 / 201 / 301 / 501 for
+width < 500 / ≥ 500 / ≥ 800 / ≥ 2000) and sets σ = kernel − 1. We implement the same blur as a
+separable convolution with cv2's default border rule (BORDER_REFLECT_101, "dcb|abcd|cba") and
+cv2's Gaussian taps, in float64, rounded back to uint8. This is the ONE blur of the project: the
+engine (LLR, iGOS++) and the evaluation (deletion/insertion baseline) both use `blur_baseline`.
+For small images (the embedded model's 64 px) the 101-tap kernel is wider than the image.
+Reflect-101 indexing is computed modulo the period 2·(n − 1), so it stays defined (and equals
+what cv2 does) even then; with σ = 100 the result is close to a flat image of the mean colour —
+i.e. no spatial information, which is the baseline's purpose. Kernel size 1 is the identity (cv2
+copies the image; σ is then irrelevant).
+
+Measured against opencv-python-headless 4.12 and 5.0 (tests/test_llr_igos.py repeats it when cv2
+is importable; cv2 is not a dependency): cv2's float path (`GaussianBlur` of a float64 image)
+equals `blur_array` to ≤ 4e-13 for every size tried (1×1 … 300×800, odd sizes, kernels 3 … 301,
+kernel wider than the image). cv2's uint8 path — the one the official code runs — is a bit-exact
+fixed-point implementation whose taps are quantized to multiples of 1/256 (for k = 101, σ = 100
+the exact taps 0.0091 … 0.0103 become 2/256 or 3/256 by error diffusion), so it is not the exact
+Gaussian. Against our rounded float64 result: world scenes (64×64): ≤ 1 grey level, 6 % of the
+values; uniform-noise images of 64 px and more: ≤ 2, 13–23 % of the values; images much narrower
+than the kernel, where the folded taps' quantization errors add up: ≤ 3 at 10×10, ≤ 8 at 5×3.
+Downstream, on 48 world scenes with the embedded model, LLR with cv2's uint8 blur instead of
+ours moves by ≤ 0.023 and selects the same tokens everywhere. We keep the exact Gaussian (the
+formula of the paper and of the official call); reproducing cv2's fixed-point rounding would
+need its kernel quantization, not just its formula.
 
 Batched scoring: `answer_logprobs` runs ONE forward over a batch of images sharing the same
 teacher-forced text, and projects only the needed predicting rows through the LM head via
@@ -33,6 +49,7 @@ transformers ≥ 4.50 accepts; no adapter change was needed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -56,7 +73,17 @@ def blur_kernel_size(width: int) -> int:
 
 
 def gaussian_kernel_1d(ksize: int, sigma: float) -> np.ndarray:
-    """cv2.getGaussianKernel for ksize > 7: exp(−(i − (k−1)/2)² / (2σ²)), normalized to sum 1."""
+    """cv2.getGaussianKernel for σ > 0: exp(−(i − (k−1)/2)² / (2σ²)), normalized to sum 1.
+
+    ksize must be a positive odd integer (as in cv2); ksize 1 is the identity [1.0] for any σ
+    (cv2.GaussianBlur copies the image). σ ≤ 0 with ksize > 1 is refused: cv2 would derive σ
+    from ksize (and use fixed tables for ksize ≤ 7), which is not implemented here."""
+    if int(ksize) != ksize or ksize < 1 or ksize % 2 == 0:
+        raise ValueError(f"blur kernel size must be a positive odd integer, got {ksize}")
+    if ksize == 1:
+        return np.ones(1, dtype=np.float64)
+    if not sigma > 0:
+        raise ValueError(f"blur sigma must be positive for kernel size {ksize}, got {sigma}")
     x = np.arange(ksize, dtype=np.float64) - (ksize - 1) / 2.0
     k = np.exp(-(x * x) / (2.0 * sigma * sigma))
     return k / k.sum()
@@ -93,9 +120,10 @@ def blur_array(arr: np.ndarray, ksize: int, sigma: float) -> np.ndarray:
 
 def blur_baseline(image: Image.Image, ksize: int | None = None,
                   sigma: float | None = None) -> Image.Image:
-    """Ĩ = GaussianBlur(I, ksize by width, σ = ksize − 1), as the official code does it."""
+    """Ĩ = GaussianBlur(I, ksize by width, σ = ksize − 1), as the official code does it; uint8
+    RGB, same size. The evaluation's baseline too (`np.asarray(blur_baseline(pil))`)."""
     rgb = np.asarray(image.convert("RGB"))
-    ksize = ksize or blur_kernel_size(image.width)
+    ksize = blur_kernel_size(image.width) if ksize is None else int(ksize)
     sigma = float(ksize - 1) if sigma is None else sigma
     out = blur_array(rgb, ksize, sigma)
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
@@ -167,11 +195,10 @@ def image_inputs_for(ctx: AttributionContext, image: Image.Image) -> dict[str, t
 def baseline_pixel_values(ctx: AttributionContext, kind: str = "blur",
                           seed: int = 0) -> torch.Tensor:
     """pṽ: processed pixel values of the baseline image, (1, C, H, W); cached on the context."""
-    key = ("baseline_pixels", kind, seed)
-    if key not in ctx._cache:
+    def compute() -> torch.Tensor:
         baseline = make_baseline(source_image(ctx), kind, seed)
-        ctx._cache[key] = ctx.adapter.image_tensor(image_inputs_for(ctx, baseline))
-    return ctx._cache[key]
+        return ctx.adapter.image_tensor(image_inputs_for(ctx, baseline))
+    return ctx.memo(("baseline_pixels", kind, seed), compute)
 
 
 def composite(pv: torch.Tensor, pv_base: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -190,6 +217,38 @@ def batched_inputs(ctx: AttributionContext, pixel_values: torch.Tensor) -> dict[
               if k not in image_keys}
     inputs.update(ctx.adapter.image_entries(pixel_values.to(ctx.inputs["pixel_values"].dtype)))
     return inputs
+
+
+def batch_answer_logits(rows: Sequence[tuple[AttributionContext, torch.Tensor]]
+                        ) -> list[torch.Tensor]:
+    """(T_i, vocab) fp32 logits at the predicting rows of each (context, image) pair, no grad:
+    each context's teacher-forced text with the given processed image (1, C, H, W). One forward
+    per image size (right-padded text: every row sees exactly what it sees alone)."""
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, pv) in enumerate(rows):
+        groups.setdefault(tuple(pv.shape), []).append(i)
+    for members in groups.values():
+        for i, logits in zip(members, _same_size_logits([rows[i] for i in members]),
+                             strict=True):
+            out[i] = logits
+    return out
+
+
+@torch.no_grad()
+def _same_size_logits(rows: Sequence[tuple[AttributionContext, torch.Tensor]]
+                      ) -> list[torch.Tensor]:
+    contexts = [c for c, _ in rows]
+    first = contexts[0]
+    image_keys = set(first.adapter.image_inputs(first.inputs))
+    text = [{k: v for k, v in c.inputs.items() if k not in image_keys} for c in contexts]
+    inputs = first.adapter.batch_inputs(text, side="right")
+    pixels = torch.cat([pv for _, pv in rows]).to(first.inputs["pixel_values"].dtype)
+    inputs.update(first.adapter.image_entries(pixels))
+    union = torch.unique(torch.cat([c.predict_rows for c in contexts]))
+    logits = first.model(**inputs, logits_to_keep=union, use_cache=False).logits.float()
+    return [logits[i, torch.searchsorted(union, c.predict_rows)]
+            for i, c in enumerate(contexts)]
 
 
 def answer_logprobs(ctx: AttributionContext, pixel_values: torch.Tensor,

@@ -25,6 +25,30 @@ class ExplainOptions:
 
 
 @dataclass
+class BatchItem:
+    """One request for `Explainer.explain_batch`: generate an answer, or explain a given one
+    (text, or exact token ids)."""
+
+    image: Any  # PIL.Image.Image
+    question: str
+    answer: str | None = None
+    answer_token_ids: list[int] | None = None
+
+    @property
+    def audit(self) -> bool:
+        return self.answer is not None or self.answer_token_ids is not None
+
+    @classmethod
+    def of(cls, item: Any) -> BatchItem:
+        """A BatchItem from itself, a dict of its fields or an (image, question[, answer])."""
+        if isinstance(item, BatchItem):
+            return item
+        if isinstance(item, dict):
+            return cls(**item)
+        return cls(*item)
+
+
+@dataclass
 class TokenInfo:
     """One answer token."""
 

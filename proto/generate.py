@@ -21,7 +21,8 @@ from pathlib import Path
 PROTO_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
 PAYLOAD = ["lvlm_attribution/api/v1/explain.proto"]
-SERVICES = ["lvlm_attribution/api/torchserve/inference.proto"]
+SERVICES = ["lvlm_attribution/api/torchserve/inference.proto",
+            "lvlm_attribution/api/v1/explainer.proto"]
 
 
 def include_paths() -> list[str]:

@@ -14,8 +14,8 @@ from lvlm_attribution.capture import CaptureSpec
 from lvlm_attribution.context import AttributionContext
 from lvlm_attribution.methods import list_methods
 from lvlm_attribution.methods._common import per_token_gradients
-from lvlm_attribution.methods.attngrad import attngrad_maps, lens_attention_and_gradients
-from lvlm_attribution.methods.dexar import lens_gradients
+from lvlm_attribution.methods.attngrad import attngrad_maps
+from lvlm_attribution.methods.dexar import lens_attention_and_gradients, lens_gradients
 from lvlm_attribution.methods.gradcam import GradCamConfig, gradcam_inputs, gradcam_maps
 from lvlm_attribution.methods.raw_attention import raw_attention_maps
 from lvlm_attribution.methods.registry import get_method

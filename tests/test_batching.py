@@ -1,7 +1,9 @@
 """explain_batch: every request's result equals the single-request result (fp32, ≤ 1e-5).
 
 Requests differ in question length and answer length, so padding (left for generation, right
-for the teacher-forced passes) and the union of predicting rows are exercised."""
+for the teacher-forced passes) and the union of predicting rows are exercised. Single requests
+get their plain logits from a forward of their own (audit mode) or from generation; the batched
+passes (one LLR forward, one DEX-AR forward+backward) must reproduce them."""
 
 from __future__ import annotations
 
@@ -10,19 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lvlm_attribution.batching import (
-    BatchItem,
-    batched_lens_gradients,
-    explain_batch,
-    generate_batch,
-    pad_inputs,
-)
 from lvlm_attribution.capture import leftover_state
-from lvlm_attribution.context import AttributionContext
+from lvlm_attribution.context import AttributionContext, ContextBatch
 from lvlm_attribution.engine import Explainer, InvalidInput
-from lvlm_attribution.methods.dexar import lens_gradients
+from lvlm_attribution.llr import batch_llr
+from lvlm_attribution.methods.dexar import batch_lens_attention_and_gradients, lens_gradients
+from lvlm_attribution.methods.registry import get_method, list_methods
 from lvlm_attribution.models.tiny import build_tiny
-from lvlm_attribution.schema import ExplainOptions
+from lvlm_attribution.schema import BatchItem, ExplainOptions
 from lvlm_attribution.world.scenes import generate
 
 TOL = 1e-5
@@ -66,17 +63,22 @@ def llava():
     return Explainer(model, processor, "tiny-llava", "random")
 
 
-def test_pad_inputs_left_and_right():
+def test_batch_inputs_pad_left_and_right(llava):
+    pad = llava.adapter.pad_token_id
     a = {"input_ids": torch.tensor([[5, 6, 7]]), "pixel_values": torch.zeros(1, 3, 2, 2)}
     b = {"input_ids": torch.tensor([[8]]), "attention_mask": torch.tensor([[1]]),
          "pixel_values": torch.ones(1, 3, 2, 2)}
-    left = pad_inputs([a, b], pad_id=0, side="left")
-    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    left = llava.adapter.batch_inputs([a, b], side="left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [pad, pad, 8]]
     assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    right = pad_inputs([a, b], pad_id=0, side="right")
-    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    right = llava.adapter.batch_inputs([a, b], side="right")
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
     assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert right["pixel_values"].shape == (2, 3, 2, 2)
+
+
+def test_batchable_is_a_declared_capability():
+    assert {n for n in list_methods() if get_method(n).batchable} >= {"dexar", "attngrad"}
 
 
 def test_batch_equals_single_generate_mode(llava):
@@ -102,7 +104,7 @@ def test_batch_equals_single_audit_mode_with_dexar_variants(llava):
                           "skip_first_text_token": True}):
         options = ExplainOptions(methods=("dexar",), per_token_maps=True,
                                  method_settings={"dexar": settings})
-        batch = explain_batch(llava, items, options)
+        batch = llava.explain_batch(items, options)
         for raw, got in zip(items, batch, strict=True):
             item = raw if isinstance(raw, BatchItem) else BatchItem(*raw)
             _assert_same(got, llava.explain(item.image, item.question, answer=item.answer,
@@ -128,16 +130,22 @@ def test_batch_stages_equal_single_qwen():
     explainer = Explainer(model, processor, "tiny-qwen", "random")
     questions = ["what color is the circle", "where is it", "how many objects are there"]
     prompts = [explainer.prepare(_image(i, 56), q) for i, q in enumerate(questions)]
-    answers = generate_batch(explainer, prompts, max_new_tokens=3)
-    assert answers == [explainer.generate_ids(p, 3) for p in prompts]
+    answered = explainer.answer([BatchItem(_image(i, 56), q) for i, q in enumerate(questions)],
+                                max_new_tokens=3)
+    assert [a.ids for a in answered] == [explainer.generate_ids(p, 3) for p in prompts]
+    for a, prompt in zip(answered, prompts, strict=True):  # generation logits = a forward's
+        if a.ids:
+            alone = AttributionContext(model, explainer.adapter, prompt, a.ids)
+            torch.testing.assert_close(a.logits, alone.plain_logits, atol=1e-4, rtol=0)
     words = [["red", "circle"], ["top", "left", "of", "the"], ["three"]]
     ids = [explainer.tokenizer.convert_tokens_to_ids(w) for w in words]
     contexts = [AttributionContext(model, explainer.adapter, p, a)
                 for p, a in zip(prompts, ids, strict=True)]
     singles = [AttributionContext(model, explainer.adapter, p, a)
                for p, a in zip(prompts, ids, strict=True)]
-    grads = batched_lens_gradients(contexts, [0, 1], pad_id=0)
-    for ctx, single, g in zip(contexts, singles, grads, strict=True):
+    batch_llr(contexts)  # one forward: every request's plain logits and LLR
+    pairs = batch_lens_attention_and_gradients(ContextBatch(contexts), [0, 1])
+    for ctx, single, (_, g) in zip(contexts, singles, pairs, strict=True):
         torch.testing.assert_close(ctx.plain_logits, single.plain_logits, atol=TOL, rtol=0)
         torch.testing.assert_close(g, lens_gradients(single, [0, 1]), atol=TOL, rtol=0)
     # End to end, generate and audit modes: every field equals `explain` alone.
@@ -145,7 +153,7 @@ def test_batch_stages_equal_single_qwen():
              BatchItem(_image(1, 56), questions[1], answer_token_ids=ids[1]),
              BatchItem(_image(2, 56), questions[2])]
     options = ExplainOptions(methods=("dexar",), max_new_tokens=3, per_token_maps=True)
-    batch = explain_batch(explainer, items, options)
+    batch = explainer.explain_batch(items, options)
     for item, got in zip(items, batch, strict=True):
         _assert_same(got, explainer.explain(item.image, item.question,
                                             answer_token_ids=item.answer_token_ids,

@@ -238,10 +238,12 @@ def test_every_call_is_journaled_while_in_flight_only(tmp_path, embedded_explain
     journal = InflightJournal(tmp_path)
     service = ExplainService(embedded_explainer, ServiceConfig(), journal)
     seen = []
-    call = service.call({"request": request(stream=True).SerializeToString()}, "rest")
-    for _ in call.replies():
-        seen.append(len(list(tmp_path.glob("inflight-*"))))
-    assert seen == [1, 1] and not list(tmp_path.glob("inflight-*"))
+    calls = [service.call({"request": request(stream=True).SerializeToString()}, "rest"),
+             service.call({"request": request(stream=True).SerializeToString()}, "grpc",
+                          can_stream=False)]
+    service.serve(calls, lambda call, reply: seen.append(len(list(tmp_path.glob("inflight-*")))))
+    assert seen == [2] and not list(tmp_path.glob("inflight-*"))  # grpc cannot stream
+    assert all(c.final is not None and c.outcome == "ok" for c in calls)
     with pytest.raises(InvalidRequest):
         list(service.call({"request": request(question="").SerializeToString()},
                           "rest").replies())

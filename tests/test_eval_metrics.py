@@ -360,16 +360,8 @@ def test_baseline_maps():
     np.testing.assert_allclose(prior, [[b, a, b], [a, 1, a], [b, a, b]])
 
 
-def test_gaussian_blur_baseline_and_mean_colour():
-    img = np.zeros((1, 3, 3), np.uint8)
-    img[0, 1] = 90
-    # kernel 3, sigma 1: weights (e^-.5, 1, e^-.5) / (1 + 2 e^-.5); reflect-101 border, so pixel
-    # 0 sees neighbours (x=1, x=0, x=1): 2 e^-.5 * 90 / 2.21306 = 49.33 -> 49; centre 40.67 -> 41
-    out = M.gaussian_blur_baseline(img, kernel_size=3, sigma=1.0)
-    np.testing.assert_array_equal(out[0, :, 0], [49, 41, 49])
-    flat = np.full((5, 6, 3), 77, np.uint8)
-    np.testing.assert_array_equal(M.gaussian_blur_baseline(flat), flat)
-    assert [M.default_blur_kernel(w) for w in (499, 500, 800, 2000)] == [101, 201, 301, 501]
+def test_dataset_mean_colour():
+    # (the blurred baseline is the engine's blur_baseline: tests/test_llr_igos.py)
     # (10, 20, 30) once and (40, 50, 60) twice -> ((10 + 80) / 3, (20 + 100) / 3, (30 + 120) / 3)
     images = [np.array([[[10, 20, 30]]], np.uint8), np.array([[[40, 50, 60]] * 2], np.uint8)]
     np.testing.assert_allclose(M.dataset_mean_colour(images), [30, 40, 50])

@@ -66,6 +66,50 @@ def test_blur_equals_bruteforce_convolution():
     np.testing.assert_allclose(blur_array(flat, 101, 100.0), flat, atol=1e-9)
 
 
+def test_blur_baseline_by_hand_and_kernel_edge_cases():
+    img = np.zeros((1, 3, 3), np.uint8)
+    img[0, 1] = 90
+    # kernel 3, sigma 1: weights (e^-.5, 1, e^-.5) / (1 + 2 e^-.5); reflect-101 border, so pixel
+    # 0 sees neighbours (x=1, x=0, x=1): 2 e^-.5 * 90 / 2.21306 = 49.33 -> 49; centre 40.67 -> 41
+    out = np.asarray(blur_baseline(Image.fromarray(img), 3, 1.0))
+    np.testing.assert_array_equal(out[0, :, 0], [49, 41, 49])
+    flat = np.full((5, 6, 3), 77, np.uint8)
+    np.testing.assert_array_equal(np.asarray(blur_baseline(Image.fromarray(flat))), flat)
+    # kernel 1 is the identity (cv2 copies the image), with the default sigma = k - 1 = 0 too
+    rng = np.random.default_rng(1)
+    odd = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(blur_baseline(Image.fromarray(odd), 1)), odd)
+    for ksize, sigma in ((2, 1.0), (0, 1.0), (-3, 1.0), (5, 0.0), (5, -1.0)):
+        with pytest.raises(ValueError):
+            gaussian_kernel_1d(ksize, sigma)
+
+
+@pytest.mark.parametrize(("shape", "ksize"), [((64, 64), None), ((37, 23), None), ((5, 3), None),
+                                              ((1, 7), None), ((1, 1), None), ((64, 500), None),
+                                              ((31, 17), 7), ((33, 19), 51), ((48, 64), 1)])
+def test_blur_matches_opencv(shape, ksize):
+    """The reference the official code calls, cv2.GaussianBlur(img, (k, k), k - 1), when
+    opencv-python-headless is importable (not a dependency). cv2's float path is the exact
+    Gaussian: equal to 1e-9. Its uint8 path (what the official code runs on np.asarray(PIL))
+    quantizes the taps to 1/256 (bit-exact fixed point): within 2 grey levels at 64 px and more;
+    more on images much narrower than the kernel (measured in the perturbation module docstring,
+    not asserted here)."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    k = blur_kernel_size(shape[1]) if ksize is None else ksize
+    if k > 1:
+        np.testing.assert_allclose(blur_array(img, k, k - 1.0),
+                                   cv2.GaussianBlur(img.astype(np.float64), (k, k), k - 1),
+                                   rtol=0, atol=1e-9)
+    ours = np.asarray(blur_baseline(Image.fromarray(img), ksize)).astype(int)
+    diff = np.abs(ours - cv2.GaussianBlur(img, (k, k), k - 1)).max()
+    if k == 1:
+        assert diff == 0
+    elif min(shape) >= 64:
+        assert diff <= 2
+
+
 def test_blur_baseline_removes_spatial_detail(scene):
     image, _ = scene
     blurred = blur_baseline(image)

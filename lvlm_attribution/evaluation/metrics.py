@@ -7,8 +7,8 @@ Definitions, parameters, edge cases and deviations from the papers: docs/metrics
   `energy_pointing_game`, `snr`; token-level `token_snr` (content vs filler tokens)
 - faithfulness by perturbation: `deletion_insertion` (iGOS++ protocol), `perplexity_auc` (DEX-AR)
 - utilities: `upsample_to`, `minmax_normalize`, `mean_ci95`, `median_ci95`, baseline maps
-  `uniform_map`, `random_map`, `centre_prior`, `gaussian_blur_baseline`, `dataset_mean_colour`,
-  `probability_score_fn`
+  `uniform_map`, `random_map`, `centre_prior`, `dataset_mean_colour`, `probability_score_fn`;
+  the blurred baseline image is the engine's `lvlm_attribution.perturbation.blur_baseline`
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ from lvlm_attribution.evaluation.perturbation import (
     cell_ranks,
     cell_schedule,
     dataset_mean_colour,
-    default_blur_kernel,
     deletion_insertion,
-    gaussian_blur_baseline,
     mean_token_probability,
     perplexity_auc,
     probability_score_fn,
@@ -52,11 +50,9 @@ __all__ = [
     "cell_schedule",
     "centre_prior",
     "dataset_mean_colour",
-    "default_blur_kernel",
     "deletion_insertion",
     "energy",
     "energy_pointing_game",
-    "gaussian_blur_baseline",
     "gt_locations",
     "iou_curve",
     "iou_thresholds",

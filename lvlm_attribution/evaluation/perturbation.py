@@ -4,6 +4,9 @@ Model-agnostic: the model enters only through a batched callable on uint8 images
 `score_fn(images (B, H, W, 3) uint8) -> (B,)` or `logprob_fn(images) -> (B, T)` answer-token log
 probabilities (teacher-forced on a fixed answer). Every image a curve needs is built here, scored
 once, in batches of `batch_size`; the callables must be deterministic (no dropout, no sampling).
+The blurred baseline image of the iGOS++ protocol is the engine's one blur,
+`lvlm_attribution.perturbation.blur_baseline` (the caller passes it in; this module stays
+numpy-only).
 
 Sources: "Where do LVLMs look..." (papers 002/003, sec. 5 "Evaluation Metric") and its official
 code `methods_helper.metric` (research notes section 3); DEX-AR (paper 004, sec. 4.1
@@ -275,52 +278,3 @@ def dataset_mean_colour(images: Iterable[np.ndarray]) -> np.ndarray:
         raise ValueError("no images")
     return total / count
 
-
-def _reflect101(index: np.ndarray, n: int) -> np.ndarray:
-    """OpenCV BORDER_REFLECT_101 (numpy pad "reflect"): ...cb|abcd|cb... for any index."""
-    if n == 1:
-        return np.zeros_like(index)
-    period = 2 * (n - 1)
-    m = np.mod(index, period)
-    return np.where(m >= n, period - m, m)
-
-
-def _blur_matrix(n: int, kernel_size: int, sigma: float) -> np.ndarray:
-    """(n, n) matrix of a 1-D Gaussian convolution with reflect-101 borders."""
-    radius = (kernel_size - 1) // 2
-    taps = np.arange(kernel_size) - radius
-    gauss = np.exp(-(taps**2) / (2.0 * sigma**2))
-    gauss /= gauss.sum()
-    rows = np.repeat(np.arange(n), kernel_size)
-    cols = _reflect101(rows + np.tile(taps, n), n)
-    matrix = np.zeros((n, n))
-    np.add.at(matrix, (rows, cols), np.tile(gauss, n))
-    return matrix
-
-
-def default_blur_kernel(width: int) -> int:
-    """Official iGOS++ LVLM code: kernel 101 / 201 / 301 / 501 for width <500 / >=500 / >=800 /
-    >=2000 pixels."""
-    return 501 if width >= 2000 else 301 if width >= 800 else 201 if width >= 500 else 101
-
-
-def gaussian_blur_baseline(
-    image: np.ndarray, kernel_size: int | None = None, sigma: float | None = None
-) -> np.ndarray:
-    """Blurred baseline image as in the official code (cv2.GaussianBlur(img, (k, k), k - 1)).
-
-    Separable Gaussian, weights exp(-j^2 / (2 sigma^2)) for j = -(k-1)/2..(k-1)/2, normalised;
-    reflect-101 borders (OpenCV's default); result rounded to uint8 (OpenCV's fixed-point path
-    can differ by 1 grey level). Defaults: k = `default_blur_kernel(W)`, sigma = k - 1.
-    """
-    img = as_image(image)
-    k = default_blur_kernel(img.shape[1]) if kernel_size is None else int(kernel_size)
-    if k < 1 or k % 2 == 0:
-        raise ValueError("kernel_size must be a positive odd integer")
-    s = float(k - 1) if sigma is None else float(sigma)
-    if s <= 0:
-        raise ValueError("sigma must be positive (kernel_size 1 with the default sigma = k - 1)")
-    rows = _blur_matrix(img.shape[0], k, s)
-    cols = _blur_matrix(img.shape[1], k, s)
-    out = np.einsum("ij,jkc,lk->ilc", rows, img.astype(np.float64), cols, optimize=True)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

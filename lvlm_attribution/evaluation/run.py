@@ -16,8 +16,10 @@ Deletion/insertion score: the mean probability of the answer's CONTENT tokens (t
 per-word flags: the words the image decides) — the planted truth of which tokens depend on the
 image, the same for every method and independent of the model's own LLR (which can select filler
 tokens or fall back when the model is unsure). The paper's score (mean probability of the
-LLR-selected tokens, alpha = 1) is recorded too (`deletion_llr`, `insertion_llr`); both come from
-the same scored images (a per-scene cache keyed by image bytes), so the second costs no forward.
+LLR-selected tokens, alpha = 1) is recorded too (`deletion_llr`, `insertion_llr`); K is the
+engine's (`llr.select_for_context`: the LLR every explanation reports, one forward of the image
+and its blur). Both scores come from the same scored images (a per-scene cache keyed by image
+bytes), so the second costs no forward. The blurred baseline Ĩ is the engine's `blur_baseline`.
 Perplexity AUC uses all answer tokens (DEX-AR) and fills removed pixels with the mean colour of
 the first 256 scenes of the stream (fixed, so a resumed or extended run uses the same colour).
 
@@ -49,9 +51,9 @@ from tqdm import tqdm
 
 from ..context import AttributionContext
 from ..engine import Explainer
-from ..llr import select_tokens
+from ..llr import select_for_context
 from ..methods.registry import get_method
-from ..perturbation import answer_logprobs, image_inputs_for
+from ..perturbation import answer_logprobs, blur_baseline, image_inputs_for
 from ..schema import ExplainOptions
 from ..world.scenes import KINDS, Sample, generate, held_out
 from .alignment import nss
@@ -60,7 +62,6 @@ from .maps import centre_prior, random_map, uniform_map
 from .perturbation import (
     dataset_mean_colour,
     deletion_insertion,
-    gaussian_blur_baseline,
     mean_token_probability,
     perplexity_auc,
 )
@@ -277,12 +278,14 @@ def evaluate_scene(explainer: Explainer, sample: Sample, index: int, variants: S
     content = np.array(sample.content, dtype=bool) if aligned else None
 
     scorer = CachedScorer(explainer, sample, answer_ids, cfg.batch_size)
+    # K (for *_llr): the engine's LLR and selection rule, alpha = 1 — the LLR every explanation
+    # reports — on the scorer's context: one forward of the image and its blur.
+    selected = select_for_context(scorer.ctx)[0].selected
+    baseline = np.asarray(blur_baseline(pil))  # the engine's blur: Ĩ of every curve below
+    # The curves' end points s(I), s(Ĩ), scored first, one image per forward (this batch layout
+    # fixes the fp32 numbers of every curve; earlier runs used it too).
     lp0 = scorer(image[None])[0]
-    baseline = gaussian_blur_baseline(image)
-    lp_blur = scorer(baseline[None])[0]
-    llr = lp0 - lp_blur
-    texts = explainer.tokenizer.convert_ids_to_tokens(answer_ids)
-    selected = select_tokens(llr, np.exp(lp0), np.exp(lp_blur), texts)
+    scorer(baseline[None])
     content_pos = np.flatnonzero(content) if content is not None else np.arange(len(answer_ids))
 
     metrics: dict[str, dict[str, float]] = {}

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..context import AttributionContext
+from ..context import AttributionContext, ContextBatch
 from ..schema import MethodOutput
 from ._common import sequence_output
-from .dexar import lens_attention_and_gradients
+from .dexar import batch_lens_attention_and_gradients
 from .registry import register_method
 
 
@@ -43,9 +43,15 @@ def attngrad_maps(attn: torch.Tensor, grads: torch.Tensor, visual: torch.Tensor)
     return (attn * grads.clamp_min(0)).mean(1).sum(0)[:, visual]
 
 
-@register_method("attngrad", config=AttnGradConfig, needs_gradients=True,
+def attribute_batch(batch: ContextBatch, cfg: AttnGradConfig) -> list[MethodOutput]:
+    """Every request's AttnGrad from one forward and one backward over the batch."""
+    layers = list(batch.contexts[0].layers(last_k=cfg.last_k_layers))
+    pairs = batch_lens_attention_and_gradients(batch, layers)
+    return [sequence_output(ctx, attngrad_maps(attn, grads, ctx.visual_positions), cfg)
+            for ctx, (attn, grads) in zip(batch.contexts, pairs, strict=True)]
+
+
+@register_method("attngrad", config=AttnGradConfig, needs_gradients=True, batch=attribute_batch,
                  summary="AttnGrad: sum over layers of E_h[A ⊙ ReLU(d o^l / d A)], row t-1")
 def attribute(ctx: AttributionContext, cfg: AttnGradConfig) -> MethodOutput:
-    layers = list(ctx.layers(last_k=cfg.last_k_layers))
-    attn, grads = lens_attention_and_gradients(ctx, layers)
-    return sequence_output(ctx, attngrad_maps(attn, grads, ctx.visual_positions), cfg)
+    return attribute_batch(ContextBatch([ctx]), cfg)[0]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..capture import CaptureSpec
-from ..context import AttributionContext
+from ..context import AttributionContext, ContextBatch
 from ..schema import MethodOutput
 from .registry import register_method, settings_dict
 
@@ -56,14 +56,34 @@ def lens_attention_and_gradients(ctx: AttributionContext,
                                  layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, g), each (L, H, T, N): attention at rows t-1 and d o^l_t / d A^{l,h} there, from one
     forward with detached layer inputs and one backward (the fast path above)."""
-    spec = CaptureSpec(layers=layers, rows=ctx.predict_rows, layer_outputs=True,
-                       detach_layer_inputs=True)
-    _, captured = ctx.forward(spec, check=True)
-    total = sum(ctx.lens_target_logits(captured.layer_outputs[layer]).sum() for layer in layers)
-    probs = [captured.probs[layer] for layer in layers]
-    grads = torch.autograd.grad(total, probs)
-    attn = torch.stack([p[0].detach() for p in probs]).float()
-    return attn, torch.stack([g[0] for g in grads]).float()
+    return batch_lens_attention_and_gradients(ContextBatch([ctx]), layers)[0]
+
+
+def batch_lens_attention_and_gradients(
+        batch: ContextBatch, layers: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(A_b, g_b) for every request b of the batch, each (L, H, T_b, N_b), from ONE forward and
+    ONE backward of sum_b sum_l sum_t o^l_{b,t}. Requests do not interact in a forward, so the
+    gradient of the batch sum w.r.t. A_b is request b's own; each request reads its own rows
+    (within the union the forward captured) and its own first N_b keys."""
+    spec = CaptureSpec(layers=layers, layer_outputs=True, detach_layer_inputs=True)
+    _, captured = batch.forward(spec)
+    contexts = batch.contexts
+    which = torch.cat([torch.full_like(c.predict_rows, b) for b, c in enumerate(contexts)])
+    rows = torch.cat([batch.union_index(b) for b in range(len(batch))])
+    targets = torch.cat([c.answer_ids_tensor for c in contexts])
+    with torch.enable_grad():
+        total = 0
+        for layer in layers:
+            hidden = captured.layer_outputs[layer][which, rows]  # (sum_b T_b, D) at rows t-1
+            total = total + contexts[0].logit_lens(hidden).gather(1, targets[:, None]).sum()
+        probs = [captured.probs[layer] for layer in layers]
+        grads = torch.autograd.grad(total, probs)
+    out = []
+    for b, ctx in enumerate(contexts):
+        rows_b, n = batch.rows_of(b), ctx.seq_len
+        attn = torch.stack([p[b][:, rows_b, :n].detach() for p in probs]).float()
+        out.append((attn, torch.stack([g[b][:, rows_b, :n] for g in grads]).float()))
+    return out
 
 
 def reference_lens_gradients(ctx: AttributionContext, layers: list[int]) -> torch.Tensor:
@@ -122,15 +142,21 @@ def _text_keys(ctx: AttributionContext, t: int, cfg: DexArConfig) -> torch.Tenso
     return keys
 
 
-@register_method("dexar", config=DexArConfig, needs_gradients=True,
+def attribute_batch(batch: ContextBatch, cfg: DexArConfig) -> list[MethodOutput]:
+    """Every request's DEX-AR from one forward and one backward over the batch."""
+    layers = list(batch.contexts[0].layers(last_k=cfg.last_k_layers))
+    grads = batch_lens_attention_and_gradients(batch, layers)
+    return [dexar_output(ctx, cfg, g) for ctx, (_, g) in zip(batch.contexts, grads, strict=True)]
+
+
+@register_method("dexar", config=DexArConfig, needs_gradients=True, batch=attribute_batch,
                  summary="DEX-AR: head- and token-filtered logit-lens attention gradients")
 def attribute(ctx: AttributionContext, cfg: DexArConfig) -> MethodOutput:
-    layers = list(ctx.layers(last_k=cfg.last_k_layers))
-    return dexar_output(ctx, cfg, lens_gradients(ctx, layers))
+    return attribute_batch(ContextBatch([ctx]), cfg)[0]
 
 
 def dexar_output(ctx: AttributionContext, cfg: DexArConfig, g: torch.Tensor) -> MethodOutput:
-    """The method's output from lens gradients g (L, H, T, N); shared with the batched path."""
+    """The method's output from lens gradients g (L, H, T, N)."""
     sequence, token_maps, delta, head_w = dexar_from_gradients(g, ctx, cfg)
     return MethodOutput(
         visual_map=ctx.to_grid(sequence).detach().cpu().numpy(),

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..context import AttributionContext
+from ..context import AttributionContext, ContextBatch
 from ..schema import MethodOutput
 
 
@@ -27,6 +27,18 @@ class MethodSpec:
     needs_gradients: bool
     needs_perturbation: bool
     summary: str
+    # Optional: every request of a ContextBatch in shared passes (must equal `attribute` on each).
+    attribute_batch: Callable[[ContextBatch, Any], list[MethodOutput]] | None = None
+
+    @property
+    def batchable(self) -> bool:
+        return self.attribute_batch is not None
+
+    def run_batch(self, batch: ContextBatch, cfg: Any) -> list[MethodOutput]:
+        """The batched path where the method has one, else its single-request code per request."""
+        if self.attribute_batch is not None:
+            return self.attribute_batch(batch, cfg)
+        return [self.attribute(ctx, cfg) for ctx in batch.contexts]
 
     def make_config(self, overrides: Mapping[str, Any] | None = None,
                     limits: Mapping[str, float] | None = None) -> Any:
@@ -134,7 +146,8 @@ _METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, *, config: type, needs_gradients: bool,
-                    needs_perturbation: bool = False, summary: str = ""):
+                    needs_perturbation: bool = False, summary: str = "",
+                    batch: Callable[[ContextBatch, Any], list[MethodOutput]] | None = None):
     def decorator(fn: Callable[[AttributionContext, Any], MethodOutput]):
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered")
@@ -145,7 +158,7 @@ def register_method(name: str, *, config: type, needs_gradients: bool,
         if stray:
             raise TypeError(f"COST_LIMITS of {name!r} names unknown settings {sorted(stray)}")
         _METHODS[name] = MethodSpec(name, fn, config, needs_gradients, needs_perturbation,
-                                    summary or (fn.__doc__ or "").strip().split("\n")[0])
+                                    summary or (fn.__doc__ or "").strip().split("\n")[0], batch)
         return fn
     return decorator
 

@@ -9,6 +9,7 @@ attended bidirectionally. Adapters hold no attribution math.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -48,6 +49,10 @@ class ModelAdapter:
     # Per-token type ids the model takes alongside input_ids, and the value answer tokens get
     # when the answer is appended (e.g. PaliGemma's suffix = 1); None: the model takes none.
     answer_token_type: ClassVar[tuple[str, int] | None] = None
+    # Per-token inputs and the value padding fills them with in a batch (None: the pad token id);
+    # every other input carries images and is concatenated along dim 0. The answer token type
+    # key, if any, is per-token too (padded with 0).
+    token_pad_values: ClassVar[dict[str, int | None]] = {"input_ids": None, "attention_mask": 0}
 
     def __init__(self, model: nn.Module, processor: Any) -> None:
         self.model = model
@@ -103,6 +108,41 @@ class ModelAdapter:
             types = torch.full_like(answer, value, dtype=inputs[key].dtype)
             inputs[key] = torch.cat([inputs[key], types], dim=1)
         return inputs
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.model.generation_config.pad_token_id
+        return int(pad if pad is not None else min(self.eos_token_ids))
+
+    def batch_inputs(self, inputs: Sequence[dict[str, torch.Tensor]],
+                     side: str) -> dict[str, torch.Tensor]:
+        """Several single-request model inputs as one batch: per-token tensors padded on `side`
+        ("left" for generation, which appends on the right; "right" for teacher forcing), an
+        attention mask made where absent, image tensors concatenated along dim 0."""
+        pad_values = dict(self.token_pad_values)
+        if self.answer_token_type is not None:
+            pad_values.setdefault(self.answer_token_type[0], 0)
+        lengths = [int(x["input_ids"].shape[1]) for x in inputs]
+        width = max(lengths)
+        keys = dict.fromkeys(k for x in inputs for k in x)
+        keys.setdefault("attention_mask")
+        out: dict[str, torch.Tensor] = {}
+        for key in keys:
+            if key not in pad_values:
+                out[key] = torch.cat([x[key] for x in inputs])
+                continue
+            fill = self.pad_token_id if pad_values[key] is None else pad_values[key]
+            rows = []
+            for x, n in zip(inputs, lengths, strict=True):
+                row = x.get(key)
+                if row is None:  # only attention_mask can be missing
+                    row = torch.ones_like(x["input_ids"])
+                pad = row.new_full((1, width - n), fill)
+                rows.append(torch.cat([pad, row] if side == "left" else [row, pad], dim=1))
+            out[key] = torch.cat(rows)
+        return out
 
     def image_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The entries that carry the image (replaced when perturbing the image)."""

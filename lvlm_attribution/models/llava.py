@@ -19,8 +19,10 @@ class LlavaAdapter(ModelAdapter):
         inputs = self.processor(images=image, text=self.prompt_text(question), return_tensors="pt")
         input_ids = inputs["input_ids"][0]
         visual, side = self.square_grid_positions(input_ids)
+        # The received image is kept: perturbation baselines (LLR's blur) are made from it, as
+        # the official code blurs the image before processing, not the processed crop.
         return self.make_prompt(dict(inputs), input_ids, question, visual, (side, side), image,
-                                self._grid_box(image.size))
+                                self._grid_box(image.size), {"image": image})
 
     def _grid_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
         """CLIP's processor resizes the shortest edge, then centre-crops a square: the grid

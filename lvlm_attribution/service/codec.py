@@ -33,6 +33,7 @@ PROTOBUF = "application/x-protobuf"
 FORM_FIELDS = ("image", "question", "answer", "methods", "max_new_tokens", "per_token_maps",
                "encoding", "overlay", "request_id", "stream", "timeout_ms")
 ENCODING_NAMES = {"png_u8": pb.HEATMAP_ENCODING_PNG_U8, "f16_zlib": pb.HEATMAP_ENCODING_F16_ZLIB}
+DESCRIBE = "describe"  # input key of the gateway's Describe: answered by service/describe.py
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ def decode(item: Mapping[str, Any], content_type: str = "") -> Decoded:
         return Decoded(_from_form(item), JSON)
     raise InvalidRequest("request", "missing: send an ExplainRequest (gRPC input key 'request', "
                          "a JSON body, or multipart fields 'image' and 'question')")
+
+
+def is_describe(item: Mapping[str, Any]) -> bool:
+    """The gateway asking what is served (no ExplainRequest; answered with a DescribeResponse)."""
+    return isinstance(item, Mapping) and DESCRIBE in item
 
 
 def encode(response: pb.ExplainResponse, wire: str) -> bytes:
