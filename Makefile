@@ -34,8 +34,9 @@ proto: setup
 proto-check: setup
 	$(PY) -m pytest -q tests/test_proto_generated.py
 
+# the gateway (by its pid file, logs/gateway.pid), then TorchServe
 stop:
-	-$(VENV)/bin/torchserve --stop
+	-bash deploy/scripts/serve.sh --stop
 
 test: setup check-java
 	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)

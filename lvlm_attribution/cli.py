@@ -300,7 +300,8 @@ def _call(args: argparse.Namespace) -> int:
 def add_call(sub) -> None:
     p = sub.add_parser("call", help="send one request to a running service (REST or gRPC)")
     p.add_argument("--url", default="http://127.0.0.1:8080",
-                   help="http://host:8080 (REST) or grpc://host:7070 (gRPC)")
+                   help="http://host:8080 (REST), grpc://host:50051 (the typed gateway) "
+                        "or torchserve-grpc://host:7070 (TorchServe's raw gRPC)")
     p.add_argument("--model", default="lvlm", help="TorchServe model name (default: %(default)s)")
     p.add_argument("--image", required=True, help="image file to send")
     p.add_argument("--question", required=True, help="the question about the image")

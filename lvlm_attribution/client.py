@@ -2,15 +2,15 @@
 
     from lvlm_attribution.client import connect, make_request, decode_heatmap
 
-    with connect("grpc://127.0.0.1:7070") as client:          # or "http://127.0.0.1:8080"
+    with connect("grpc://127.0.0.1:50051") as client:   # the gateway; or "http://127.0.0.1:8080"
         resp = client.explain(make_request("scene.png", "what color is the circle ?"))
         print(resp.answer, [t.probability for t in resp.tokens])
-        grid = decode_heatmap(resp.heatmaps[0])                # float32 (h, w) at the patch grid
+        grid = decode_heatmap(resp.heatmaps[0])         # float32 (h, w) at the patch grid
         for part in client.explain_stream(make_request("scene.png", "...")):
-            ...                                                # PART_ANSWER, then PART_COMPLETE
+            ...                                         # PART_ANSWER, then PART_COMPLETE
 
-Both clients return `lvlm_attribution.api.v1.explain_pb2.ExplainResponse` (typed, with .pyi
-stubs) and raise `ServiceCallError` with the HTTP status or gRPC code and the server's message.
+Every client returns `lvlm_attribution.api.v1.explain_pb2.ExplainResponse` (typed, with .pyi
+stubs) and raises `ServiceCallError` with the HTTP status or gRPC code and the server's message.
 A busy refusal (`is_busy`) is worth repeating: `retry_busy(lambda: client.explain(req), 60)`.
 """
 
@@ -208,12 +208,75 @@ class GrpcClient:
                                                 input={"request": request.SerializeToString()})
 
 
+class ExplainerClient:
+    """The typed service lvlm.v1.Explainer (the gateway, `connect("grpc://host:50051")`):
+    Explain, ExplainStream (really streamed: the answer, then everything), Describe, and the
+    gateway's grpc.health.v1. Errors raise ServiceCallError(code name, message); the rich details
+    (BadRequest, RetryInfo) are on the gRPC status: `grpc_status.rpc_status.from_call`."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 120.0,
+                 max_message_bytes: int = GRPC_MAX_MESSAGE_BYTES) -> None:
+        import grpc
+
+        from .api.v1 import explainer_pb2_grpc
+
+        self._grpc = grpc
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
+        self.stub = explainer_pb2_grpc.ExplainerStub(self.channel)
+        self.timeout = timeout
+
+    def explain(self, request: pb.ExplainRequest) -> pb.ExplainResponse:
+        if request.stream:
+            raise ValueError("use explain_stream() for stream=True")
+        try:
+            return self.stub.Explain(request, timeout=self.timeout)
+        except self._grpc.RpcError as err:
+            raise _grpc_error(err) from None
+
+    def explain_stream(self, request: pb.ExplainRequest) -> Iterator[pb.ExplainResponse]:
+        """PART_ANSWER as soon as the answer is generated, then PART_COMPLETE."""
+        try:
+            yield from self.stub.ExplainStream(request, timeout=self.timeout)
+        except self._grpc.RpcError as err:
+            raise _grpc_error(err) from None
+
+    def describe(self):
+        """lvlm.v1.DescribeResponse: the model, the methods (defaults, cost limits), limits."""
+        from .api.v1 import explainer_pb2
+
+        try:
+            return self.stub.Describe(explainer_pb2.DescribeRequest(), timeout=self.timeout)
+        except self._grpc.RpcError as err:
+            raise _grpc_error(err) from None
+
+    def health(self, service: str = "") -> str:
+        """grpc.health.v1 status name: SERVING while the model has a live worker."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        reply = health_pb2_grpc.HealthStub(self.channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> ExplainerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def is_busy(err: ServiceCallError) -> bool:
     """TorchServe refused because no worker was free: with job tickets it answers at once, HTTP
     503 / gRPC INTERNAL "... no worker ..." — also right behind another request, before the
-    worker's ticket is released. Worth asking again. (gRPC UNAVAILABLE is not busy: it is what an
-    unreachable server gives.)"""
-    return err.status == 503 or (err.status == "INTERNAL" and "no worker" in err.message.lower())
+    worker's ticket is released. Worth asking again. The gateway says UNAVAILABLE "busy: ... no
+    worker ..." (with RetryInfo) once its own short retries are spent. (A bare gRPC UNAVAILABLE
+    is not busy: it is what an unreachable server gives.)"""
+    return err.status == 503 or (err.status in ("INTERNAL", "UNAVAILABLE")
+                                 and "no worker" in err.message.lower())
 
 
 def retry_busy(call: Callable[[], T], busy_retry_s: float,
@@ -239,13 +302,18 @@ def retry_busy(call: Callable[[], T], busy_retry_s: float,
 
 
 def connect(url: str, model: str = DEFAULT_MODEL, timeout: float = 120.0
-            ) -> RestClient | GrpcClient:
-    """`http(s)://host:port` -> REST, `grpc://host:port` -> gRPC."""
+            ) -> RestClient | GrpcClient | ExplainerClient:
+    """`http(s)://host:port` -> REST; `grpc://host:port` -> the typed service lvlm.v1.Explainer
+    (the gateway, which serves one model: `model` is its business); `torchserve-grpc://host:port`
+    -> TorchServe's raw InferenceAPIsService (in-pod only; it cannot stream)."""
     if url.startswith("grpc://"):
-        return GrpcClient(url.removeprefix("grpc://"), model, timeout)
+        return ExplainerClient(url.removeprefix("grpc://"), timeout)
+    if url.startswith("torchserve-grpc://"):
+        return GrpcClient(url.removeprefix("torchserve-grpc://"), model, timeout)
     if url.startswith(("http://", "https://")):
         return RestClient(url, model, timeout)
-    raise ValueError(f"url must start with http://, https:// or grpc://, got {url!r}")
+    raise ValueError(f"url must start with http://, https://, grpc:// (the typed gateway) or "
+                     f"torchserve-grpc://, got {url!r}")
 
 
 def _parse_json(raw: bytes) -> pb.ExplainResponse:

@@ -30,6 +30,7 @@ GUARD_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 0.2
 
 
 PLAIN_LOGITS = "plain_logits"
+FINAL_HIDDEN = "final_hidden"  # (N or N-1, d): the final norm's output (what the LM head reads)
 
 
 class CaptureMismatch(RuntimeError):
@@ -128,6 +129,13 @@ class AttributionContext:
         if logits.shape[0] != self.num_answer_tokens:
             raise ValueError(f"{logits.shape[0]} logit rows for {self.num_answer_tokens} tokens")
         self.prime(PLAIN_LOGITS, logits.float())
+
+    def prime_final_hidden(self, hidden: torch.Tensor) -> None:
+        """The final norm's output at positions 0..N-2 at least (every row a method reads: the
+        visual, question and predicting rows), e.g. recorded during generation."""
+        if hidden.shape[0] < self.seq_len - 1:
+            raise ValueError(f"{hidden.shape[0]} hidden rows for a sequence of {self.seq_len}")
+        self.prime(FINAL_HIDDEN, hidden)
 
     def _plain_forward(self) -> torch.Tensor:
         with torch.no_grad():

@@ -92,31 +92,44 @@ class Explainer:
                      deadline: Deadline | None = None) -> list[int]:
         """Greedy answer token ids, without the end-of-sequence token."""
         with enforced(deadline, self.adapter.decoder_layers()):
-            return self._generate([prompt], max_new_tokens)[0][0]
+            return self._generate([prompt], max_new_tokens)[0].ids
 
     def generate(self, image: Image.Image, question: str, max_new_tokens: int,
                  deadline: Deadline | None = None) -> list[int]:
         return self.generate_ids(self.prepare(image, question), max_new_tokens, deadline)
 
     @torch.no_grad()
-    def _generate(self, prompts: Sequence[PreparedPrompt], max_new_tokens: int
-                  ) -> list[tuple[list[int], torch.Tensor]]:
+    def _generate(self, prompts: Sequence[PreparedPrompt], max_new_tokens: int,
+                  record_hidden: bool = False) -> list[Generated]:
         """Greedy answers for several prompts in ONE `generate` over the left-padded prompts
         (new tokens are appended on the right; transformers derives positions from the attention
         mask, so every row sees what it sees alone): per prompt the ids without the end token
         and the raw logits (T, vocab) that produced them — teacher-forced row t-1's logits, so
-        p_t and ln p(y_t | I) need no further forward."""
+        p_t and ln p(y_t | I) need no further forward — and, with `record_hidden`, the final
+        norm's output at every position the steps computed (prefill, then one row per step)."""
         device = next(self.model.parameters()).device
         inputs = self.adapter.batch_inputs([p.model_inputs for p in prompts], side="left")
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                  return_dict_in_generate=True, output_logits=True)
-        steps = torch.stack(out.logits, dim=1).float()  # (B, steps, vocab)
-        eos = self.adapter.eos_token_ids
+        steps: list[torch.Tensor] = []
+        handle = (self.adapter.final_norm().register_forward_hook(
+            lambda _m, _a, out: steps.append(out[0] if isinstance(out, tuple) else out))
+            if record_hidden else None)
+        try:
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      return_dict_in_generate=True, output_logits=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        logits = torch.stack(out.logits, dim=1).float()  # (B, steps, vocab)
+        hidden = torch.cat(steps, dim=1) if steps else None  # (B, width + steps - 1, d)
+        width, eos = inputs["input_ids"].shape[1], self.adapter.eos_token_ids
         answers = []
-        for b, row in enumerate(out.sequences[:, inputs["input_ids"].shape[1]:].tolist()):
+        for b, (row, prompt) in enumerate(zip(out.sequences[:, width:].tolist(), prompts,
+                                              strict=True)):
             n = next((i for i, t in enumerate(row) if t in eos), len(row))
-            answers.append((row[:n], steps[b, :n]))
+            start = width - prompt.prompt_length  # left padding
+            answers.append(Generated(row[:n], logits[b, :n], None if hidden is None else
+                                     hidden[b, start:start + prompt.prompt_length + n - 1]))
         return answers
 
     def decode(self, ids: list[int]) -> str:
@@ -172,35 +185,41 @@ class Explainer:
         tuples. An invalid item raises InvalidInput naming `items[i]` (when there are several)."""
         options = options or ExplainOptions()
         self.check_options(options)
-        answered = self.answer(items, options.max_new_tokens, deadline)
+        answered = self.answer(items, options, deadline)
         return self.attribute(answered, options, deadline)
 
-    def answer(self, items: Sequence, max_new_tokens: int = 16,
+    def answer(self, items: Sequence, options: ExplainOptions | None = None,
                deadline: Deadline | None = None) -> list[Answered]:
-        """Prepare every item and generate (one batched generate) or tokenize its answer."""
+        """Prepare every item and generate (one batched generate, up to
+        `options.max_new_tokens`) or tokenize its answer. What the requested methods declare
+        they read from a forward (final hidden states) is recorded during generation."""
+        options = options or ExplainOptions()
+        record = any(get_method(m).needs_final_hidden for m in self._configs(options))
         items = [BatchItem.of(x) for x in items]
         timings: dict[str, float] = {}
         with _timed(timings, "prepare", deadline):
             prompts = [_per_item(i, len(items), self.prepare, x.image, x.question)
                        for i, x in enumerate(items)]
-        answers: list[tuple[list[int], torch.Tensor | None]] = [([], None)] * len(items)
+        answers = [Generated([], None, None)] * len(items)
         if any(x.audit for x in items):
             with _timed(timings, "tokenize", deadline):
                 for i, x in enumerate(items):
                     if x.audit:
-                        answers[i] = (_per_item(i, len(items), self._given_ids, x), None)
+                        answers[i] = Generated(_per_item(i, len(items), self._given_ids, x),
+                                               None, None)
         generated = [i for i, x in enumerate(items) if not x.audit]
         if generated:
             with _timed(timings, "generate", deadline), \
                     enforced(deadline, self.adapter.decoder_layers()):
-                for i, pair in zip(generated, self._generate([prompts[i] for i in generated],
-                                                             max_new_tokens), strict=True):
-                    if not pair[0]:
+                made = self._generate([prompts[i] for i in generated], options.max_new_tokens,
+                                      record_hidden=record)
+                for i, one in zip(generated, made, strict=True):
+                    if not one.ids:
                         raise _item_error(i, len(items), "question", "the model produced an "
                                           "empty answer to explain")
-                    answers[i] = pair
-        return [Answered(prompt, ids, x.audit, logits, timings)
-                for x, prompt, (ids, logits) in zip(items, prompts, answers, strict=True)]
+                    answers[i] = one
+        return [Answered(prompt, g.ids, x.audit, g.logits, g.hidden, timings)
+                for x, prompt, g in zip(items, prompts, answers, strict=True)]
 
     def attribute(self, answered: Sequence[Answered], options: ExplainOptions | None = None,
                   deadline: Deadline | None = None) -> list[Explanation]:
@@ -213,14 +232,19 @@ class Explainer:
         with enforced(deadline, self.adapter.decoder_layers()):
             contexts = [AttributionContext(self.model, self.adapter, a.prompt, a.ids)
                         for a in answered]
-            for ctx, a in zip(contexts, answered, strict=True):
-                if a.logits is not None:  # generation already computed them
+            for ctx, a in zip(contexts, answered, strict=True):  # what generation computed
+                if a.logits is not None:
                     ctx.prime_plain_logits(a.logits.to(ctx.device))
-            with _timed(timings, "llr", deadline):
-                # The cheapest hallucination signal: the blurred image's forward (batched over
-                # the requests; audit requests add their original image, which gives p_t).
-                batch_llr(contexts)
-                llrs = [token_llr(c).cpu().tolist() for c in contexts]
+                if a.hidden is not None:
+                    ctx.prime_final_hidden(a.hidden.to(ctx.device))
+            llrs: list[list[float] | None] = [None] * len(contexts)
+            if options.llr:
+                with _timed(timings, "llr", deadline):
+                    # The cheapest hallucination signal: the blurred image's forward (batched
+                    # over the requests; audit requests add their original image: p_t).
+                    batch_llr(contexts)
+                    llrs = [token_llr(c).cpu().tolist() for c in contexts]
+            with _timed(timings, "forward", deadline):  # free when generation primed them
                 probabilities = [c.token_probabilities.cpu().tolist() for c in contexts]
             batch = ContextBatch(contexts)
             outputs: list[dict[str, MethodOutput]] = [{} for _ in contexts]
@@ -235,12 +259,14 @@ class Explainer:
         return [self._assemble(a, p, llr, out, timings)
                 for a, p, llr, out in zip(answered, probabilities, llrs, outputs, strict=True)]
 
-    def _assemble(self, answered: Answered, probabilities: list[float], llrs: list[float],
-                  outputs: dict[str, MethodOutput], timings: dict[str, float]) -> Explanation:
+    def _assemble(self, answered: Answered, probabilities: list[float],
+                  llrs: list[float] | None, outputs: dict[str, MethodOutput],
+                  timings: dict[str, float]) -> Explanation:
         """The one place an Explanation is built, for single and batched requests alike.
         Timings are the whole batch's stage times."""
         tokens = self._tokens(answered.ids, probabilities, llrs, outputs)
-        grounding = ground(tokens)  # sets TokenInfo.grounded; rule in grounding.py
+        # The rule needs LLR; without it there is no grounding verdict (not a guessed one).
+        grounding = ground(tokens) if llrs is not None else None
         prompt = answered.prompt
         return Explanation(
             answer=self.decode(answered.ids), answer_token_ids=list(answered.ids),
@@ -286,24 +312,33 @@ class Explainer:
     def _tokens(self, ids, probabilities, llrs, outputs) -> list[TokenInfo]:
         texts = self.tokenizer.convert_ids_to_tokens(ids)
         tokens = []
-        rows = zip(ids, texts, probabilities, llrs, strict=True)
+        rows = zip(ids, texts, probabilities, llrs or [None] * len(ids), strict=True)
         for t, (token_id, text, p, llr) in enumerate(rows):
             weights = {f"{name}.{key}": float(values[t]) for name, out in outputs.items()
                        for key, values in out.token_weights.items()}
             tokens.append(TokenInfo(index=t, token_id=token_id, text=text, probability=float(p),
-                                    llr=float(llr), weights=weights))
+                                    llr=None if llr is None else float(llr), weights=weights))
         return tokens
 
 
 @dataclass
+class Generated:
+    ids: list[int]
+    logits: torch.Tensor | None  # (T, vocab): what produced each token
+    hidden: torch.Tensor | None  # (N - 1, d): the final norm's output, when recorded
+
+
+@dataclass
 class Answered:
-    """One request after answering: its prompt, the answer's ids, and for a generated answer the
-    logits that produced each token (T, vocab), which prime the attribution context."""
+    """One request after answering: its prompt, the answer's ids, and for a generated answer what
+    generation computed anyway (the logits that produced each token, (T, vocab); the final
+    hidden states when a requested method reads them), which prime the attribution context."""
 
     prompt: PreparedPrompt
     ids: list[int]
     audit: bool
     logits: torch.Tensor | None
+    hidden: torch.Tensor | None
     timings: dict[str, float]  # the answering stages (shared by the batch)
 
 

@@ -22,6 +22,8 @@ class ExplainOptions:
     # Per-method upper bounds replacing the registry's cost limits, e.g. {"igos": {"iterations":
     # 10}} (a deployment's choice; see MethodSpec.limits).
     setting_limits: dict[str, dict[str, float]] = field(default_factory=dict)
+    # LLR per token (one forward of the blurred image). Off: no llr and no grounding verdict.
+    llr: bool = True
 
 
 @dataclass

@@ -218,6 +218,14 @@ def test_capture_leaves_nothing_behind(ctx):
 
 # ---- (g) generate, then audit the generated ids: identical maps ---------------------------------
 def test_generate_then_audit_gives_identical_maps(explainer, image):
+    """Generation primes p_t (its logits) and TAM's hidden states (recorded during the steps);
+    audit mode computes both with forwards of their own: the same results."""
+    options = ExplainOptions(methods=("tam",), max_new_tokens=3, per_token_maps=True)
+    generated = explainer.explain(image, QUESTION, options=options)
+    audited = explainer.explain(image, QUESTION, answer_token_ids=generated.answer_token_ids,
+                                options=options)
+    np.testing.assert_allclose(generated.methods["tam"].per_token_maps,
+                               audited.methods["tam"].per_token_maps, atol=1e-5)
     options = ExplainOptions(methods=("dexar",), max_new_tokens=3, per_token_maps=True)
     generated = explainer.explain(image, QUESTION, options=options)
     audited = explainer.explain(image, QUESTION, answer_token_ids=generated.answer_token_ids,

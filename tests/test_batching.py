@@ -131,7 +131,7 @@ def test_batch_stages_equal_single_qwen():
     questions = ["what color is the circle", "where is it", "how many objects are there"]
     prompts = [explainer.prepare(_image(i, 56), q) for i, q in enumerate(questions)]
     answered = explainer.answer([BatchItem(_image(i, 56), q) for i, q in enumerate(questions)],
-                                max_new_tokens=3)
+                                ExplainOptions(max_new_tokens=3))
     assert [a.ids for a in answered] == [explainer.generate_ids(p, 3) for p in prompts]
     for a, prompt in zip(answered, prompts, strict=True):  # generation logits = a forward's
         if a.ids:

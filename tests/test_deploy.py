@@ -283,7 +283,7 @@ def test_config_properties_hardened():
     assert local["grpc_inference_address"] == "127.0.0.1"
     assert pod["inference_address"] == "http://0.0.0.0:8080"
     assert pod["metrics_address"] == "http://0.0.0.0:8082"
-    assert pod["grpc_inference_address"] == "0.0.0.0"
+    assert pod["grpc_inference_address"] == "127.0.0.1"  # the gateway is the pod's gRPC API
     # the two files differ only in where things listen and live
     allowed = {"inference_address", "metrics_address", "grpc_inference_address", "model_store",
                "allowed_urls", "metrics_config"}
@@ -377,8 +377,8 @@ def test_rendered_overlay_policy(overlay):
     start = ts["startupProbe"]
     assert start["periodSeconds"] * start["failureThreshold"] >= cfg["startupTimeout"]
     svc = next(d for d in docs if d["kind"] == "Service")
-    assert {p["port"] for p in svc["spec"]["ports"]} == {8080, 7070, 8082}
-    assert {p["containerPort"] for p in ts["ports"]} == {8080, 7070, 8082}
+    assert {p["port"] for p in svc["spec"]["ports"]} == {8080, 50051, 8082}  # 50051: gateway
+    assert {p["containerPort"] for p in ts["ports"]} == {8080, 8082}  # raw gRPC: loopback
     pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
     labels = pod_labels = _deployment(docs)["spec"]["template"]["metadata"]["labels"]
     for selector in (pdb["spec"]["selector"]["matchLabels"],
@@ -638,9 +638,10 @@ def test_real_torchserve_with_pod_config_exports_the_alerted_metrics(tmp_path):
     with _torchserve(tmp_path, EMITTER, config=K8S / "base" / "config.properties") as ports:
         listening = _listening(ports["pgid"])
         loopback = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
-        for name in ("8081", "7071"):  # management REST and gRPC: pod-local only
+        # management REST and gRPC, raw gRPC inference (behind the gateway): pod-local only
+        for name in ("8081", "7071", "7070"):
             assert listening.get(ports[name]) and listening[ports[name]] <= loopback, name
-        for name in ("8080", "8082", "7070"):  # inference REST, metrics, gRPC inference
+        for name in ("8080", "8082"):  # inference REST, metrics
             assert listening.get(ports[name], set()) & {"0.0.0.0", "::"}, (name, listening)
         assert _post(ports["8080"]) == (200, b"ok")
         scraped: dict[str, set[str]] = {}

@@ -34,7 +34,7 @@ def test_make_request_fills_every_option(tmp_path) -> None:
 def test_connect_routes_by_scheme() -> None:
     rest = connect("http://127.0.0.1:1", model="m")
     assert isinstance(rest, RestClient) and rest.endpoint == "http://127.0.0.1:1/predictions/m"
-    with connect("grpc://127.0.0.1:1") as grpc_client:
+    with connect("torchserve-grpc://127.0.0.1:1") as grpc_client:  # grpc://: the gateway
         assert isinstance(grpc_client, GrpcClient)
     with pytest.raises(ValueError, match="url must start"):
         connect("127.0.0.1:7070")

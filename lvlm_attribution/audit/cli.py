@@ -63,7 +63,8 @@ def add_audit(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (re-run to resume)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--url", default=None,
-                       help="a running service: http://host:8080 (REST) or grpc://host:7070")
+                       help="a running service: http://host:8080 (REST), grpc://host:50051 "
+                            "(the typed gateway) or torchserve-grpc://host:7070")
     where.add_argument("--model", default=None,
                        help=f"local model directory (default {DEFAULT_MODEL})")
     p.add_argument("--methods", default="glimpse,dexar",

@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (each import registers its method)
     igos,
     raw_attention,
     rollout,
+    tam,
     tmme,
 )
 from .registry import MethodSpec, get_method, list_methods, register_method, settings_dict

@@ -29,6 +29,9 @@ class MethodSpec:
     summary: str
     # Optional: every request of a ContextBatch in shared passes (must equal `attribute` on each).
     attribute_batch: Callable[[ContextBatch, Any], list[MethodOutput]] | None = None
+    # Reads the final hidden states (what the LM head reads, every position): the engine then
+    # records them during generation, so the method needs no forward of its own.
+    needs_final_hidden: bool = False
 
     @property
     def batchable(self) -> bool:
@@ -147,7 +150,8 @@ _METHODS: dict[str, MethodSpec] = {}
 
 def register_method(name: str, *, config: type, needs_gradients: bool,
                     needs_perturbation: bool = False, summary: str = "",
-                    batch: Callable[[ContextBatch, Any], list[MethodOutput]] | None = None):
+                    batch: Callable[[ContextBatch, Any], list[MethodOutput]] | None = None,
+                    needs_final_hidden: bool = False):
     def decorator(fn: Callable[[AttributionContext, Any], MethodOutput]):
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered")
@@ -158,7 +162,8 @@ def register_method(name: str, *, config: type, needs_gradients: bool,
         if stray:
             raise TypeError(f"COST_LIMITS of {name!r} names unknown settings {sorted(stray)}")
         _METHODS[name] = MethodSpec(name, fn, config, needs_gradients, needs_perturbation,
-                                    summary or (fn.__doc__ or "").strip().split("\n")[0], batch)
+                                    summary or (fn.__doc__ or "").strip().split("\n")[0], batch,
+                                    needs_final_hidden)
         return fn
     return decorator
 

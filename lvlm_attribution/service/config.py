@@ -16,6 +16,9 @@ class ServiceConfig:
     dtype: str = "float32"
     default_methods: tuple[str, ...] = ("glimpse", "dexar")
     allowed_methods: tuple[str, ...] | None = None  # None: every method the engine registers
+    # LLR per token (one forward of the blurred image per request): the grounding rule needs it.
+    # A forward-only tier (e.g. TAM on a large model) may turn it off: no llr, no grounding.
+    llr: bool = True
     max_new_tokens_cap: int = 32
     default_max_new_tokens: int = 16  # used when a request leaves max_new_tokens at 0
     max_image_bytes: int = 4_000_000

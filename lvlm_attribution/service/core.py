@@ -216,7 +216,8 @@ class ExplainService:
         finally:
             for call in requests:
                 call._finish()
-        return [Observation("lvlm_batch_size", "histogram", float(len(requests)), {})]
+        return [Observation("lvlm_batch_size", "histogram", float(len(requests)), {})
+                ] if requests else []
 
     def _decode(self, call: Call) -> bool:
         try:
@@ -260,8 +261,7 @@ class ExplainService:
             items = [BatchItem(c.job.image, c.job.question, answer_token_ids=c.answer_ids)
                      for c in group]
             try:
-                answered = self.engine.answer(items, group[0].job.options.max_new_tokens,
-                                              deadline)
+                answered = self.engine.answer(items, group[0].job.options, deadline)
             except ValueError as err:
                 index, field_name = _item_of(getattr(err, "field", None), len(group))
                 if index is None:
@@ -328,7 +328,7 @@ def _groups(calls: Sequence[Call]) -> list[list[Call]]:
     groups: dict[str, list[Call]] = {}
     for call in calls:
         opts = call.job.options
-        key = json.dumps([opts.methods, opts.max_new_tokens, opts.per_token_maps,
+        key = json.dumps([opts.methods, opts.max_new_tokens, opts.per_token_maps, opts.llr,
                           opts.method_settings, opts.setting_limits], sort_keys=True, default=str)
         groups.setdefault(key, []).append(call)
     return list(groups.values())

@@ -1,8 +1,10 @@
 """A real TorchServe, started once per test session on free local ports in a temporary folder,
-serving the embedded model (or $LVLM_MODEL_DIR) through handlers/lvlm_handler.py."""
+serving the embedded model (or $LVLM_MODEL_DIR) through handlers/lvlm_handler.py, and the typed
+gateway (lvlm.v1.Explainer, `python -m lvlm_attribution.gateway`) in front of it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,3 +168,53 @@ def _kill_if_alive(pid: int | None) -> None:
         except ProcessLookupError:
             return
         time.sleep(3)
+
+
+@dataclass(frozen=True)
+class Gateway:
+    target: str  # 127.0.0.1:port of lvlm.v1.Explainer, grpc.health.v1 and reflection
+    metrics: str  # http://127.0.0.1:port/metrics
+    proc: subprocess.Popen
+    log: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def running_gateway(server: Server, model: str = MODEL_NAME, *args: str,
+                    wait_serving: bool = True) -> Iterator[Gateway]:
+    """`python -m lvlm_attribution.gateway` in front of `server` on free ports, polling health
+    every 0.5 s; stopped (SIGTERM, then SIGKILL) on exit unless the test already stopped it."""
+    from lvlm_attribution.gateway.probe import wait_serving as serving
+
+    port, metrics_port = free_ports(2)
+    log = server.log_dir.parent / f"gateway-{model}-{port}.log"
+    cmd = [sys.executable, "-m", "lvlm_attribution.gateway", "--torchserve-grpc", server.grpc,
+           "--torchserve-rest", server.rest, "--management", server.management,
+           "--model", model, "--port", str(port), "--metrics-port", str(metrics_port),
+           "--health-interval-s", "0.5", *args]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    gateway = Gateway(f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", proc, log)
+    try:
+        if wait_serving:
+            ok, last = serving(gateway.target, wait_s=60)
+            assert ok, f"gateway not SERVING ({last}):\n{gateway.log_tail()}"
+        yield gateway
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def gateway(torchserve: Server) -> Iterator[Gateway]:
+    """The typed gateway in front of the session's TorchServe, serving model `lvlm`."""
+    with running_gateway(torchserve) as gw:
+        yield gw

