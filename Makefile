@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
+PROFILE ?= monitoring
 
 .PHONY: setup serve stop test test-fast lint proto proto-check k8s-validate loadtest benchmark-cpu clean
 
@@ -25,8 +26,9 @@ $(STAMP): pyproject.toml
 check-java:
 	@bash deploy/scripts/check_java.sh
 
+# PROFILE=monitoring (default: batched) | interactive | gpu, see deploy/model-config*.yaml
 serve: setup check-java
-	bash deploy/scripts/serve.sh
+	PROFILE=$(PROFILE) bash deploy/scripts/serve.sh
 
 proto: setup
 	$(PY) proto/generate.py

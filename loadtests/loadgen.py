@@ -545,6 +545,14 @@ class GrpcTarget:
         await self.channel.close()
 
 
+def _batch_item_error(parts: list[bytes]):
+    try:
+        msg = pb.ExplainResponse.FromString(parts[-1]) if parts else None
+    except Exception:  # noqa: BLE001 - check_response reports unparseable replies
+        return None
+    return msg.error if msg is not None and msg.part == pb.ExplainResponse.PART_ERROR else None
+
+
 def grpc_kind(code_name: str, details: str) -> tuple[str, str]:
     details = (details or "").split("\norg.pytorch.serve")[0]
     # The client's own deadline, whatever the transport said last ("Deadline Exceeded", or a
@@ -580,6 +588,10 @@ async def grpc_attempt(target: GrpcTarget, spec: Spec, timeout: float,
                        sum(len(p) for p in parts))
     elapsed = time.perf_counter() - t0
     size = sum(len(p) for p in parts)
+    error = _batch_item_error(parts)
+    if error is not None:  # a batch item's error, which TorchServe's gRPC sends as OK
+        kind, message = grpc_kind(error.grpc_code or "INTERNAL", error.message)
+        return Attempt(kind, message, first, elapsed, size)
     problem = check_response(parts, spec, "grpc")
     if problem:
         return Attempt("grpc_OK:bad_response", problem, first, elapsed, size)

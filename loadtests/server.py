@@ -99,9 +99,10 @@ class LocalServer:
 
 @contextlib.contextmanager
 def local_torchserve(model_overrides: Mapping[str, Any] | None = None,
-                     root: Path | None = None) -> Iterator[LocalServer]:
-    """A TorchServe serving only `lvlm` with deploy/model-config.yaml (+ `model_overrides`,
-    top-level keys or {"handler": {...}}), stopped (and its processes reaped) on exit."""
+                     root: Path | None = None,
+                     profile: str = "model-config.yaml") -> Iterator[LocalServer]:
+    """A TorchServe serving only `lvlm` with deploy/<profile> (+ `model_overrides`, top-level
+    keys or {"handler": {...}}), stopped (and its processes reaped) on exit."""
     if shutil.which("java") is None:
         raise RuntimeError("java is not installed (TorchServe needs JDK 17)")
     it = integration()
@@ -110,7 +111,7 @@ def local_torchserve(model_overrides: Mapping[str, Any] | None = None,
     (root / "model_store").mkdir(parents=True, exist_ok=True)
     (root / "tmp").mkdir(exist_ok=True)  # TorchServe's pid file lives in $TMPDIR
     ports = it.free_ports(6)
-    model_config_path, properties = it.write_configs(root, ports)
+    model_config_path, properties = it.write_configs(root, ports, profile)
     cfg = yaml.safe_load(model_config_path.read_text())
     for key, value in (model_overrides or {}).items():
         if key == "handler":

@@ -321,11 +321,16 @@ def _parse_json(raw: bytes) -> pb.ExplainResponse:
 
 
 def _parse_protobuf(raw: bytes) -> pb.ExplainResponse:
+    """A raw TorchServe gRPC reply. In a batch of several, TorchServe sends a failed item as OK
+    (its gRPC path drops per-item statuses): the body is then a PART_ERROR saying what failed."""
     try:
-        return pb.ExplainResponse.FromString(raw)
+        msg = pb.ExplainResponse.FromString(raw)
     except DecodeError:
         raise ServiceCallError("BAD_RESPONSE", f"the server's reply ({len(raw)} bytes) is not an "
                                "ExplainResponse: is this the lvlm model?") from None
+    if msg.part == pb.ExplainResponse.PART_ERROR:
+        raise ServiceCallError(msg.error.grpc_code or "INTERNAL", msg.error.message)
+    return msg
 
 
 def _grpc_error(err) -> ServiceCallError:

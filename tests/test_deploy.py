@@ -301,12 +301,18 @@ def test_allowed_urls_only_match_the_local_store():
             assert not pattern.fullmatch(bad), bad
 
 
-@pytest.mark.parametrize("name,device", [("model-config.yaml", "cpu"),
-                                         ("model-config.gpu.yaml", "cuda")])
-def test_model_configs(name, device):
+PROFILES = [("model-config.monitoring.yaml", "cpu", 8), ("model-config.yaml", "cpu", 1),
+            ("model-config.gpu.yaml", "cuda", 1)]
+
+
+@pytest.mark.parametrize("name,device,batch", PROFILES)
+def test_model_configs(name, device, batch):
+    from lvlm_attribution.service import ServiceConfig
+
     cfg = yaml.safe_load((DEPLOY / name).read_text())
-    assert cfg["useJobTicket"] is True and cfg["jobQueueSize"] >= 1
-    assert cfg["minWorkers"] == cfg["maxWorkers"] == 1 and cfg["batchSize"] == 1
+    # A bounded queue, not instant refusals (retry storms collapse throughput, docs/performance)
+    assert cfg["useJobTicket"] is False and 1 <= cfg["jobQueueSize"] <= 64
+    assert cfg["minWorkers"] == cfg["maxWorkers"] == 1 and cfg["batchSize"] == batch
     assert cfg["startupTimeout"] >= 60 and cfg["responseTimeout"] >= 60
     h = cfg["handler"]
     assert h["device"] == device
@@ -314,8 +320,11 @@ def test_model_configs(name, device):
                       "max_new_tokens_cap", "max_image_bytes", "max_image_pixels",
                       "max_question_chars"}
     assert set(h["default_methods"]) <= set(h["allowed_methods"])
-    assert h["max_image_bytes"] * 4 // 3 < int(
-        read_properties(DEPLOY / "config.properties")["max_request_size"])
+    props = read_properties(DEPLOY / "config.properties")
+    assert h["max_image_bytes"] * 4 // 3 < int(props["max_request_size"])
+    service = ServiceConfig.from_mapping(h)  # the worker's own start-up checks
+    service.check_server_limits(cfg["responseTimeout"])
+    assert service.max_response_bytes < int(props["max_response_size"])
     if device == "cuda":
         assert h["model_dir"].startswith("/models/") and h["dtype"] == "bfloat16"
     else:
@@ -759,7 +768,7 @@ def test_config_keys_are_known_to_torchserve():
         unknown = set(read_properties(path)) - known
         assert not unknown, f"{path.name}: keys TorchServe 0.12 does not read: {sorted(unknown)}"
     model_known = _jar_strings("org/pytorch/serve/archive/model/ModelConfig.class")
-    for name in ("model-config.yaml", "model-config.gpu.yaml"):
+    for name, _, _ in PROFILES:
         keys = set(yaml.safe_load((DEPLOY / name).read_text())) - {"handler"}
         unknown = keys - model_known
         assert not unknown, f"{name}: keys TorchServe 0.12 does not read: {sorted(unknown)}"

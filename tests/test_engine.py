@@ -136,14 +136,18 @@ def test_audit_mode_equals_generate_then_explain(embedded_explainer):
     by_ids = embedded_explainer.explain(image, sample.question,
                                         answer_token_ids=generated.answer_token_ids,
                                         options=options)
+    # A generated answer's p_t and TAM's hidden states come from the generation steps, an
+    # audited one's from a forward of its own: the same math in another order (float rounding);
+    # maps that do not read them are bit-identical.
     for audited in (by_text, by_ids):
         assert audited.audit_mode
         assert audited.answer_token_ids == generated.answer_token_ids
         for name in options.methods:
-            np.testing.assert_array_equal(audited.methods[name].visual_map,
-                                          generated.methods[name].visual_map)
-        assert [t.probability for t in audited.tokens] == [t.probability
-                                                            for t in generated.tokens]
+            np.testing.assert_allclose(audited.methods[name].visual_map,
+                                       generated.methods[name].visual_map, rtol=1e-5,
+                                       atol=1e-7, err_msg=name)
+        np.testing.assert_allclose([t.probability for t in audited.tokens],
+                                   [t.probability for t in generated.tokens], rtol=1e-5)
 
 
 def _energy_ratio(visual_map: np.ndarray, evidence: np.ndarray) -> float:

@@ -5,7 +5,9 @@
 # :50051, its metrics on :9095), wait until its grpc.health.v1 says SERVING, then send real
 # requests over REST and the typed gRPC API and show the answers.
 #
-#   deploy/scripts/serve.sh            # the embedded model (model_store/tiny-shapes-llava)
+#   deploy/scripts/serve.sh            # the embedded model (model_store/tiny-shapes-llava),
+#                                      # monitoring profile (batched)
+#   PROFILE=interactive deploy/scripts/serve.sh     # one request at a time, every method
 #   LVLM_MODEL_DIR=/path/to/hf-model deploy/scripts/serve.sh
 #   TS_CONFIG=my.properties deploy/scripts/serve.sh     # other ports/addresses (read from it)
 #   GATEWAY_PORT=50052 GATEWAY_METRICS_PORT=9096 deploy/scripts/serve.sh
@@ -55,17 +57,24 @@ if [ "${1:-}" = "--stop" ]; then
   exit 0
 fi
 
-CONFIG=deploy/model-config.yaml
+# Serving profiles (deploy/): monitoring (default: batched, explain every answer), interactive
+# (one request at a time, every method incl. iGOS++), gpu (a 7B model on one GPU).
+case "${PROFILE:-monitoring}" in
+  monitoring) CONFIG=deploy/model-config.monitoring.yaml ;;
+  interactive) CONFIG=deploy/model-config.yaml ;;
+  gpu) CONFIG=deploy/model-config.gpu.yaml ;;
+  *) echo "serve.sh: unknown PROFILE '${PROFILE}' (monitoring, interactive, gpu)" >&2; exit 2 ;;
+esac
 if [ -n "${LVLM_MODEL_DIR:-}" ]; then
-  CONFIG=logs/model-config.yaml
-  "$BIN/python" - "$LVLM_MODEL_DIR" "$CONFIG" <<'EOF'
+  "$BIN/python" - "$LVLM_MODEL_DIR" "$CONFIG" logs/model-config.yaml <<'EOF'
 import sys
 from pathlib import Path
 import yaml
-cfg = yaml.safe_load(Path("deploy/model-config.yaml").read_text())
+cfg = yaml.safe_load(Path(sys.argv[2]).read_text())
 cfg["handler"]["model_dir"] = str(Path(sys.argv[1]).resolve())
-Path(sys.argv[2]).write_text(yaml.safe_dump(cfg))
+Path(sys.argv[3]).write_text(yaml.safe_dump(cfg))
 EOF
+  CONFIG=logs/model-config.yaml
 fi
 MODEL_DIR="$("$BIN/python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["handler"]["model_dir"])' "$CONFIG")"
 if [ ! -f "$MODEL_DIR/config.json" ]; then

@@ -82,6 +82,9 @@ class ExplainerService(explainer_pb2_grpc.ExplainerServicer):
         async with self._call("Explain", context) as budget:
             response = await self._retrying_busy("Explain", budget, lambda: self.upstream.explain(
                 budget.bounded(request, stream=request.stream), budget.left()))
+            if response.part == pb.ExplainResponse.PART_ERROR:
+                # An item of a TorchServe batch failed: its gRPC reply is OK, the body says why.
+                raise from_part_error(response.error)
             self._check_version(response.model)
             return response
 

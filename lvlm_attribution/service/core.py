@@ -24,9 +24,9 @@ except after a streamed answer has gone out: the caller already has a 200, so a 
 the stream's last message (PART_ERROR with the same status and message) instead.
 
 Budgets (ServiceConfig): the request's methods and settings are checked before any model work;
-answering and attribution run under a deadline (`lvlm_attribution.deadline`; in a group, the
-largest of its items' deadlines) that ends the request, not the worker; the encoded response is
-checked against the size budget before it is handed to the transport. Every call is journaled
+answering and attribution run under a deadline (`lvlm_attribution.deadline`; in a batch, one for
+the whole batch: the largest of its items' deadlines) that ends the request, not the worker; the
+encoded response is checked against the size budget before it is handed to the transport. Every call is journaled
 while in flight (`inflight.py`) so that one whose worker dies is counted by the next worker.
 
 The engine is duck-typed (lvlm_attribution.engine.Explainer's interface).
@@ -211,8 +211,12 @@ class ExplainService:
             call._begin()
         try:
             valid = [c for c in requests if self._decode(c)]
+            # One deadline for the whole batch (the largest its items ask for, never above the
+            # server's): groups run one after the other and must all end before TorchServe's
+            # responseTimeout, which is per batch.
+            deadline = Deadline(max((c.job.deadline_s for c in valid), default=1.0))
             for group in _groups(valid):
-                self._serve_group(group, on_partial or (lambda _c, _r: None))
+                self._serve_group(group, deadline, on_partial or (lambda _c, _r: None))
         finally:
             for call in requests:
                 call._finish()
@@ -233,10 +237,10 @@ class ExplainService:
             return False
         return True
 
-    def _serve_group(self, group: list[Call], on_partial: PartialSink) -> None:
+    def _serve_group(self, group: list[Call], deadline: Deadline,
+                     on_partial: PartialSink) -> None:
         """One engine batch: every call here has the same options."""
         options = group[0].job.options
-        deadline = Deadline(max(c.job.deadline_s for c in group))
         try:
             group, answered = self._answer(group, deadline)
             for call, one in zip(group, answered, strict=True):

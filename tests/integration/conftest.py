@@ -64,9 +64,11 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def write_configs(root: Path, ports: list[int]) -> tuple[Path, Path]:
+def write_configs(root: Path, ports: list[int], profile: str = "model-config.yaml"
+                  ) -> tuple[Path, Path]:
+    """config.properties on `ports` and the model config of `profile` (a file in deploy/)."""
     rest, mgmt, metrics, grpc_inf, grpc_mgmt, worker = ports
-    cfg = yaml.safe_load((REPO / "deploy" / "model-config.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "deploy" / profile).read_text())
     cfg["handler"]["model_dir"] = str(model_dir())
     # Shared CI machines can be slow to import torch + transformers: generous start-up limits.
     cfg["startupTimeout"] = max(cfg.get("startupTimeout", 120), READY_TIMEOUT_S)
