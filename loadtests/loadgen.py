@@ -613,7 +613,7 @@ class RetryPolicy:
     cap_s: float = 1.0
 
     def pause(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0.5, 1.0) * min(self.cap_s, self.base_s * 2 ** (attempt - 1))
+        return rng.uniform(0.5, 1.0) * min(self.cap_s, self.base_s * 2.0 ** min(attempt - 1, 30))
 
 
 @dataclass

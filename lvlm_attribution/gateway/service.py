@@ -80,8 +80,12 @@ class ExplainerService(explainer_pb2_grpc.ExplainerServicer):
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
                       ) -> pb.ExplainResponse:
         async with self._call("Explain", context) as budget:
+            # A unary call is one message whatever `stream` says; ExplainStream streams.
             response = await self._retrying_busy("Explain", budget, lambda: self.upstream.explain(
-                budget.bounded(request, stream=request.stream), budget.left()))
+                budget.bounded(request, stream=False), budget.left()))
+            if request.stream:
+                response.warnings.append("stream: Explain answers in one message; call "
+                                         "ExplainStream for the answer first")
             if response.part == pb.ExplainResponse.PART_ERROR:
                 # An item of a TorchServe batch failed: its gRPC reply is OK, the body says why.
                 raise from_part_error(response.error)

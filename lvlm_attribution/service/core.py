@@ -26,8 +26,9 @@ the stream's last message (PART_ERROR with the same status and message) instead.
 Budgets (ServiceConfig): the request's methods and settings are checked before any model work;
 answering and attribution run under a deadline (`lvlm_attribution.deadline`; in a batch, one for
 the whole batch: the largest of its items' deadlines) that ends the request, not the worker; the
-encoded response is checked against the size budget before it is handed to the transport. Every call is journaled
-while in flight (`inflight.py`) so that one whose worker dies is counted by the next worker.
+encoded response is checked against the size budget before it is handed to the transport. Every
+call is journaled while in flight (`inflight.py`) so that one whose worker dies is counted by the
+next worker.
 
 The engine is duck-typed (lvlm_attribution.engine.Explainer's interface).
 """
@@ -295,7 +296,7 @@ class ExplainService:
         self._check_size(len(body), job)
         call.observe("lvlm_answer_tokens", len(expl.tokens))
         call.observe("lvlm_visual_tokens", expl.grid[0] * expl.grid[1])
-        if expl.grounding is not None:
+        if expl.grounding is not None and expl.grounding.calibrated:  # one scale per series
             call.observe("lvlm_grounding_score", expl.grounding.score)
         return Reply(body, call.wire, final=True)
 
