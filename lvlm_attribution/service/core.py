@@ -296,7 +296,7 @@ class ExplainService:
         self._check_size(len(body), job)
         call.observe("lvlm_answer_tokens", len(expl.tokens))
         call.observe("lvlm_visual_tokens", expl.grid[0] * expl.grid[1])
-        if expl.grounding is not None and expl.grounding.calibrated:  # one scale per series
+        if expl.grounding is not None:
             call.observe("lvlm_grounding_score", expl.grounding.score)
         return Reply(body, call.wire, final=True)
 
