@@ -109,13 +109,37 @@ def blur_matrix(n: int, kernel: np.ndarray) -> np.ndarray:
     return mat
 
 
+DENSE_BLUR_MAX = 512  # sides up to this blur with the folded matrix; longer ones by FFT
+
+
 def blur_array(arr: np.ndarray, ksize: int, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of an (H, W[, C]) array, reflect-101 border, float64 result."""
+    """Separable Gaussian blur of an (H, W[, C]) array, reflect-101 border, float64 result.
+
+    Per axis: the folded (n, n) matrix for short sides (exact for any kernel, also wider than
+    the image), an FFT convolution of the reflect-101 padded axis for long ones — the dense
+    matrix costs O(n²) per line (a 2000 px photo took a minute on 2 cores), the FFT O(n log n);
+    both compute the same sums (to ~1e-12)."""
     kernel = gaussian_kernel_1d(ksize, sigma)
     x = arr.astype(np.float64)
-    rows = blur_matrix(x.shape[0], kernel)
-    cols = blur_matrix(x.shape[1], kernel)
-    return np.einsum("ij,jk...->ik...", rows, np.einsum("kl,jl...->jk...", cols, x))
+    for axis in (1, 0):
+        x = _blur_axis(x, kernel, axis)
+    return x
+
+
+def _blur_axis(x: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
+    n = x.shape[axis]
+    if n <= DENSE_BLUR_MAX:
+        return np.moveaxis(np.tensordot(blur_matrix(n, kernel), np.moveaxis(x, axis, 0),
+                                        axes=1), 0, axis)
+    half = len(kernel) // 2
+    padded = np.take(x, reflect101_index(np.arange(-half, n + half), n), axis=axis)
+    size = padded.shape[axis] + len(kernel) - 1
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    spectrum = np.fft.rfft(padded, n=size, axis=axis) * np.fft.rfft(kernel, n=size).reshape(
+        shape)
+    full = np.fft.irfft(spectrum, n=size, axis=axis)
+    return np.take(full, np.arange(len(kernel) - 1, len(kernel) - 1 + n), axis=axis)
 
 
 def blur_baseline(image: Image.Image, ksize: int | None = None,

@@ -4,10 +4,11 @@ Measured on TorchServe 0.12.0: SIGTERM ends the frontend and the worker at once,
 that is still running gets HTTP 500 "Worker died." So before Kubernetes sends SIGTERM we
   1. sleep --delay seconds, so the pod's removal from the Service endpoints has propagated and
      no new requests arrive;
-  2. probe the worker with an empty JSON body on 127.0.0.1. With useJobTicket (model-config) a
-     busy worker makes TorchServe answer 503 at once ("no job tickets available"); any other
-     answer (the handler's 400 for the empty body) means the worker was free, i.e. drained.
-     The probe costs one invalid_input in lvlm_requests_total.
+  2. probe the worker with an empty JSON body on 127.0.0.1. The model configs queue requests
+     (useJobTicket: false): the probe waits behind every request accepted before it and is
+     answered (the handler's 400 for the empty body) once they are done — drained. With job
+     tickets a busy worker answers 503 at once instead: then it is probed again. A probe that
+     times out is still queued: busy. The probe costs one invalid_input in lvlm_requests_total.
 Gives up after --timeout seconds (set it to the model's responseTimeout; the pod's
 terminationGracePeriodSeconds must cover delay + timeout).
 
@@ -26,7 +27,8 @@ import urllib.request
 
 
 def worker_free(url: str, model: str, timeout: float) -> bool | None:
-    """True: the worker took the probe; False: busy (503); None: server not answering."""
+    """True: the worker took the probe; False: busy (503, or the probe still queued at
+    `timeout`); None: server not answering."""
     req = urllib.request.Request(f"{url.rstrip('/')}/predictions/{model}", data=b"{}",
                                  headers={"Content-Type": "application/json"}, method="POST")
     try:
@@ -34,7 +36,11 @@ def worker_free(url: str, model: str, timeout: float) -> bool | None:
             return True
     except urllib.error.HTTPError as err:
         return err.code != 503
-    except (urllib.error.URLError, OSError):
+    except TimeoutError:
+        return False
+    except urllib.error.URLError as err:
+        return False if isinstance(err.reason, TimeoutError) else None
+    except OSError:
         return None
 
 
@@ -50,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     time.sleep(args.delay)
     deadline = time.monotonic() + args.timeout
     while True:
-        # the probe itself is answered in milliseconds; its timeout bounds a hung server
-        state = worker_free(args.url, args.model, timeout=min(30.0, args.timeout))
+        # queued behind the in-flight requests, the probe returns when they are done
+        left = max(1.0, deadline - time.monotonic())
+        state = worker_free(args.url, args.model, timeout=min(30.0, left))
         if state is True:
             print("drain: worker idle", file=sys.stderr)
             return 0

@@ -133,12 +133,19 @@ def torchserve(tmp_path_factory) -> Server:
     # Probe models: the production handler with a test-only twist (tests/integration/):
     # OOM_PROBE runs out of memory on request; STALE_PROBE streams over every transport, as the
     # handler once did, to reproduce TorchServe's dead-but-READY worker for the probe test.
+    # They refuse at once when busy (job tickets), so that tests can provoke a busy refusal;
+    # the shipped profiles queue instead.
+    probe_config = root / "model-config.probe.yaml"
+    cfg = yaml.safe_load(model_config.read_text())
+    probe_config.write_text(yaml.safe_dump({**cfg, "useJobTicket": True, "jobQueueSize": 4}))
+    probe_build = [*build[:build.index("--config") + 1], str(probe_config),
+                   *build[build.index("--config") + 2:]]
     for name, handler in PROBE_HANDLERS.items():
         probe = root / name
         probe.mkdir()
         shutil.copy(REPO / "handlers" / "lvlm_handler.py", probe)
         shutil.copy(Path(__file__).parent / handler, probe)
-        subprocess.run([*build, "--handler", str(probe / handler), "--name", name],
+        subprocess.run([*probe_build, "--handler", str(probe / handler), "--name", name],
                        check=True, env=env, cwd=REPO, capture_output=True)
     out = (root / "torchserve.out").open("w")
     subprocess.run([str(VENV_BIN / "torchserve"), "--start", "--ncs", "--ts-config",
