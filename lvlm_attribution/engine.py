@@ -25,6 +25,7 @@ from . import images
 from . import methods as _methods  # noqa: F401  (registers every method)
 from .context import AttributionContext, ContextBatch
 from .deadline import Deadline, enforced
+from .faithfulness import ImageScorer, map_faithfulness
 from .grounding import ground
 from .llr import batch_llr, token_llr
 from .methods.registry import SettingError, get_method, list_methods, settings_dict
@@ -256,6 +257,9 @@ class Explainer:
                         if not options.per_token_maps:
                             result.per_token_maps = None
                         out[name] = result
+            if options.faithfulness and configs:
+                with _timed(timings, "faithfulness", deadline):
+                    _score_faithfulness(contexts, outputs)
         return [self._assemble(a, p, llr, out, timings)
                 for a, p, llr, out in zip(answered, probabilities, llrs, outputs, strict=True)]
 
@@ -340,6 +344,18 @@ class Answered:
     logits: torch.Tensor | None
     hidden: torch.Tensor | None
     timings: dict[str, float]  # the answering stages (shared by the batch)
+
+
+def _score_faithfulness(contexts: Sequence[AttributionContext],
+                        outputs: Sequence[dict[str, MethodOutput]]) -> None:
+    """Every map's deletion/insertion AUC; one scorer per request, so its image and baseline
+    are scored once for all of its maps."""
+    for ctx, out in zip(contexts, outputs, strict=True):
+        scorer = ImageScorer(ctx)
+        for result in out.values():
+            f = map_faithfulness(ctx, result.visual_map, scorer)
+            result.faithfulness = {"deletion_auc": f.deletion_auc,
+                                   "insertion_auc": f.insertion_auc}
 
 
 def _per_item(i: int, n: int, fn, *args):

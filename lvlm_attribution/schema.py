@@ -24,6 +24,8 @@ class ExplainOptions:
     setting_limits: dict[str, dict[str, float]] = field(default_factory=dict)
     # LLR per token (one forward of the blurred image). Off: no llr and no grounding verdict.
     llr: bool = True
+    # Deletion/insertion AUC of every returned map (lvlm_attribution.faithfulness).
+    faithfulness: bool = False
 
 
 @dataclass
@@ -83,6 +85,8 @@ class MethodOutput:
     prompt_saliency: np.ndarray | None = None  # (|question tokens|,)
     settings: dict[str, Any] = field(default_factory=dict)  # the config actually used
     extras: dict[str, Any] = field(default_factory=dict)
+    # With ExplainOptions.faithfulness: {"deletion_auc": ..., "insertion_auc": ...}
+    faithfulness: dict[str, float] | None = None
 
 
 @dataclass

@@ -34,7 +34,6 @@ question kind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -45,15 +44,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from ..context import AttributionContext
 from ..engine import Explainer
+from ..faithfulness import ImageScorer
 from ..llr import select_for_context
 from ..methods.registry import get_method
-from ..perturbation import answer_logprobs, blur_baseline, image_inputs_for
+from ..perturbation import blur_baseline
 from ..schema import ExplainOptions
 from ..world.scenes import KINDS, Sample, generate, held_out
 from .alignment import nss
@@ -191,38 +190,13 @@ def fill_colour(cfg: EvalConfig) -> np.ndarray:
 
 
 # ---- scoring -------------------------------------------------------------------------------------
-class CachedScorer:
-    """logprob_fn for the perturbation metrics: (B, H, W, 3) uint8 -> (B, T) teacher-forced
-    ln p(y_t | image) of the fixed answer; each distinct image is scored once (cache by bytes)."""
-
-    def __init__(self, explainer: Explainer, sample: Sample, answer_ids: list[int],
-                 batch_size: int = 32) -> None:
-        prompt = explainer.prepare(Image.fromarray(sample.image), sample.question)
-        self.ctx = AttributionContext(explainer.model, explainer.adapter, prompt, answer_ids)
-        self.batch_size = batch_size
-        self.cache: dict[bytes, np.ndarray] = {}
-        self.forwards = 0
-        self.images_scored = 0
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        keys = [hashlib.blake2b(np.ascontiguousarray(im).tobytes(), digest_size=16).digest()
-                for im in images]
-        todo = {}
-        for key, im in zip(keys, images, strict=True):
-            if key not in self.cache and key not in todo:
-                todo[key] = im
-        pending = list(todo.items())
-        for start in range(0, len(pending), self.batch_size):
-            chunk = pending[start:start + self.batch_size]
-            pv = torch.cat([self.ctx.adapter.image_tensor(
-                image_inputs_for(self.ctx, Image.fromarray(im))) for _, im in chunk])
-            with torch.no_grad():
-                lp = answer_logprobs(self.ctx, pv).double().cpu().numpy()
-            self.forwards += 1
-            self.images_scored += len(chunk)
-            for (key, _), row in zip(chunk, lp, strict=True):
-                self.cache[key] = row
-        return np.stack([self.cache[k] for k in keys])
+def scene_scorer(explainer: Explainer, sample: Sample, answer_ids: list[int],
+                 batch_size: int = 32) -> ImageScorer:
+    """The perturbation metrics' logprob_fn for a scene's fixed answer: the engine's scorer
+    (the one behind the service's faithfulness scores), on the scene's audit-mode context."""
+    prompt = explainer.prepare(Image.fromarray(sample.image), sample.question)
+    ctx = AttributionContext(explainer.model, explainer.adapter, prompt, answer_ids)
+    return ImageScorer(ctx, batch_size)
 
 
 # ---- one scene -----------------------------------------------------------------------------------
@@ -277,7 +251,7 @@ def evaluate_scene(explainer: Explainer, sample: Sample, index: int, variants: S
     aligned = len(answer_ids) == len(sample.answer_words)
     content = np.array(sample.content, dtype=bool) if aligned else None
 
-    scorer = CachedScorer(explainer, sample, answer_ids, cfg.batch_size)
+    scorer = scene_scorer(explainer, sample, answer_ids, cfg.batch_size)
     # K (for *_llr): the engine's LLR and selection rule, alpha = 1 — the LLR every explanation
     # reports — on the scorer's context: one forward of the image and its blur.
     selected = select_for_context(scorer.ctx)[0].selected

@@ -31,7 +31,7 @@ from .errors import InvalidRequest
 JSON = "application/json"
 PROTOBUF = "application/x-protobuf"
 FORM_FIELDS = ("image", "question", "answer", "methods", "max_new_tokens", "per_token_maps",
-               "encoding", "overlay", "request_id", "stream", "timeout_ms")
+               "encoding", "overlay", "faithfulness", "request_id", "stream", "timeout_ms")
 ENCODING_NAMES = {"png_u8": pb.HEATMAP_ENCODING_PNG_U8, "f16_zlib": pb.HEATMAP_ENCODING_F16_ZLIB}
 DESCRIBE = "describe"  # input key of the gateway's Describe: answered by service/describe.py
 
@@ -195,7 +195,8 @@ def _from_form(item: Mapping[str, Any]) -> pb.ExplainRequest:
             raise InvalidRequest("heatmaps.encoding",
                                  f"unknown encoding {name!r}; known: {sorted(ENCODING_NAMES)}")
         req.heatmaps.encoding = ENCODING_NAMES[name]
-    for key, target in (("per_token_maps", "per_token_maps"), ("overlay", "overlay")):
+    for key, target in (("per_token_maps", "per_token_maps"), ("overlay", "overlay"),
+                        ("faithfulness", "faithfulness")):
         if key in item:
             setattr(req.heatmaps, target, _flag(item[key], f"heatmaps.{key}"))
     if "request_id" in item:

@@ -334,6 +334,7 @@ def _groups(calls: Sequence[Call]) -> list[list[Call]]:
     for call in calls:
         opts = call.job.options
         key = json.dumps([opts.methods, opts.max_new_tokens, opts.per_token_maps, opts.llr,
+                          opts.faithfulness,
                           opts.method_settings, opts.setting_limits], sort_keys=True, default=str)
         groups.setdefault(key, []).append(call)
     return list(groups.values())

@@ -86,6 +86,9 @@ def _heatmap(name: str, out: MethodOutput, job: Job,
         for token_map in np.asarray(out.per_token_maps, dtype=np.float32):
             e = heatmaps.encode(token_map, job.encoding)
             msg.per_token.add(data=e.data, min_value=e.min_value, max_value=e.max_value)
+    if out.faithfulness is not None:
+        msg.deletion_auc = out.faithfulness["deletion_auc"]
+        msg.insertion_auc = out.faithfulness["insertion_auc"]
     if job.overlay:
         # Only the region the model saw is coloured; the side cap bounds the response size.
         msg.overlay_png = heatmaps.overlay_png(job.image, grid, box=box,

@@ -49,7 +49,8 @@ def validate(req: pb.ExplainRequest, cfg: ServiceConfig, available: Sequence[str
                              max_new_tokens=_max_new_tokens(req.generation.max_new_tokens, cfg),
                              per_token_maps=req.heatmaps.per_token_maps,
                              method_settings=_settings(req, methods),
-                             setting_limits=dict(cfg.method_limits or {}), llr=cfg.llr)
+                             setting_limits=dict(cfg.method_limits or {}), llr=cfg.llr,
+                             faithfulness=req.heatmaps.faithfulness)
     return Job(image=_image(req.image, cfg), question=_text(req.question, "question",
                                                              cfg.max_question_chars),
                answer=_text(req.answer, "answer", cfg.max_answer_chars)

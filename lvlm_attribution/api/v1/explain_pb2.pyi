@@ -24,14 +24,16 @@ class GenerationOptions(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class HeatmapOptions(_message.Message):
-    __slots__ = ("per_token_maps", "encoding", "overlay")
+    __slots__ = ("per_token_maps", "encoding", "overlay", "faithfulness")
     PER_TOKEN_MAPS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    FAITHFULNESS_FIELD_NUMBER: _ClassVar[int]
     per_token_maps: bool
     encoding: HeatmapEncoding
     overlay: bool
-    def __init__(self, per_token_maps: _Optional[bool] = ..., encoding: _Optional[_Union[HeatmapEncoding, str]] = ..., overlay: _Optional[bool] = ...) -> None: ...
+    faithfulness: bool
+    def __init__(self, per_token_maps: _Optional[bool] = ..., encoding: _Optional[_Union[HeatmapEncoding, str]] = ..., overlay: _Optional[bool] = ..., faithfulness: _Optional[bool] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("image", "question", "answer", "methods", "generation", "heatmaps", "request_id", "method_settings", "stream", "timeout_ms")
@@ -100,7 +102,7 @@ class EncodedMap(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., min_value: _Optional[float] = ..., max_value: _Optional[float] = ...) -> None: ...
 
 class Heatmap(_message.Message):
-    __slots__ = ("method", "height", "width", "encoding", "min_value", "max_value", "data", "per_token", "overlay_png")
+    __slots__ = ("method", "height", "width", "encoding", "min_value", "max_value", "data", "per_token", "overlay_png", "deletion_auc", "insertion_auc")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +112,8 @@ class Heatmap(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    DELETION_AUC_FIELD_NUMBER: _ClassVar[int]
+    INSERTION_AUC_FIELD_NUMBER: _ClassVar[int]
     method: str
     height: int
     width: int
@@ -119,7 +123,9 @@ class Heatmap(_message.Message):
     data: bytes
     per_token: _containers.RepeatedCompositeFieldContainer[EncodedMap]
     overlay_png: bytes
-    def __init__(self, method: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., encoding: _Optional[_Union[HeatmapEncoding, str]] = ..., min_value: _Optional[float] = ..., max_value: _Optional[float] = ..., data: _Optional[bytes] = ..., per_token: _Optional[_Iterable[_Union[EncodedMap, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ...) -> None: ...
+    deletion_auc: float
+    insertion_auc: float
+    def __init__(self, method: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., encoding: _Optional[_Union[HeatmapEncoding, str]] = ..., min_value: _Optional[float] = ..., max_value: _Optional[float] = ..., data: _Optional[bytes] = ..., per_token: _Optional[_Iterable[_Union[EncodedMap, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ..., deletion_auc: _Optional[float] = ..., insertion_auc: _Optional[float] = ...) -> None: ...
 
 class PromptSaliency(_message.Message):
     __slots__ = ("method", "tokens", "weights")
